@@ -1,0 +1,1 @@
+"""edgeloop's cloud side: training, registry, publishing, fleet review, retraining."""

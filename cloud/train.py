@@ -1,0 +1,159 @@
+"""Training the default outlier detector and calibrating its threshold.
+
+The detector is scikit-learn's ``StandardScaler`` + ``GaussianMixture``; the outlier score is the
+negative log-likelihood of a row under the mixture. skl2onnx exports it as plain ONNX operators
+(Gemm, ReduceLogSumExp, ...) with the scaler as Sub/Div, so the graph runs on GPU execution
+providers too. The threshold is the (1 - target FPR) quantile of the scores of held-out rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.contracts import NumericSummary, OutlierRule, OutputSpec, WindowSummary
+from edge_runtime.summary import summarise
+from model_compile.card import BASELINE_FILE, MODEL_FILE, SAMPLES_FILE, TrainingCard
+
+NON_FEATURE_COLUMNS = {"ts", "timestamp", "time", "id", "label", "anomaly", "is_anomaly", "device_id"}
+HIST_BINS = 10
+ONNX_OPSET = 17
+SCORE_OUTPUT = "score_samples"
+
+
+class TrainingError(ValueError):
+    """The training data cannot be used as given."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    card: TrainingCard
+    holdout_fpr: float
+
+
+def read_numeric_csv(path: str | Path, features: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Numeric feature columns of a CSV; rows with an empty or non-numeric cell are dropped."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise TrainingError(f"{path}: empty file") from None
+        rows = list(reader)
+    if not rows:
+        raise TrainingError(f"{path}: no data rows")
+    if features:
+        unknown = [f for f in features if f not in header]
+        if unknown:
+            raise TrainingError(f"{path}: no column(s) {unknown}")
+        names = features
+    else:
+        names = [h for i, h in enumerate(header)
+                 if h.lower() not in NON_FEATURE_COLUMNS and _is_numeric_column(rows, i)]
+        if not names:
+            raise TrainingError(f"{path}: no numeric feature columns")
+    idx = [header.index(n) for n in names]
+    data = []
+    for row in rows:
+        try:
+            values = [float(row[i]) for i in idx]
+        except (ValueError, IndexError):
+            continue
+        if all(math.isfinite(v) for v in values):
+            data.append(values)
+    if len(data) < 100:
+        raise TrainingError(f"{path}: only {len(data)} complete numeric rows; need at least 100")
+    return names, np.asarray(data, dtype=np.float32)
+
+
+def _is_numeric_column(rows: list[list[str]], i: int) -> bool:
+    sample = [r[i] for r in rows[:200] if i < len(r) and r[i].strip()]
+    try:
+        [float(v) for v in sample]
+    except ValueError:
+        return False
+    return bool(sample)
+
+
+def quantile_edges(values: np.ndarray, bins: int = HIST_BINS) -> list[float]:
+    """Inner bin edges at the baseline's quantiles: each bin holds about 1/bins of it."""
+    edges = np.quantile(values.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1])
+    return np.unique(edges).tolist()
+
+
+def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scores: np.ndarray,
+                  outliers: int) -> WindowSummary:
+    now = datetime.now(timezone.utc)
+    features: dict[str, NumericSummary] = {
+        n: summarise(X[:, j], quantile_edges(X[:, j])) for j, n in enumerate(names)
+    }
+    return WindowSummary(
+        model_name=name, model_version=version, device_id="training",
+        window_start=now, window_end=now, records=len(X), outliers=outliers,
+        features=features, score=summarise(scores, quantile_edges(scores)),
+    )
+
+
+def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers",
+          version: str = "1.0.0", features: list[str] | None = None, target_fpr: float = 0.01,
+          components: int = 3, holdout: float = 0.2, seed: int = 0) -> TrainResult:
+    import onnxruntime as ort
+    from skl2onnx import to_onnx
+    from sklearn.mixture import GaussianMixture
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not 0 < target_fpr < 0.5:
+        raise TrainingError(f"target FPR must be in (0, 0.5), got {target_fpr}")
+    names, X = read_numeric_csv(data, features)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(X))
+    n_hold = max(int(len(X) * holdout), 50)
+    X_hold, X_train = X[order[:n_hold]], X[order[n_hold:]]
+
+    pipeline = Pipeline([
+        ("scale", StandardScaler()),
+        ("mixture", GaussianMixture(n_components=components, covariance_type="full", random_state=seed)),
+    ]).fit(X_train)
+    onnx_model = to_onnx(
+        pipeline, X_train[:1],
+        options={StandardScaler: {"div": "div"}, GaussianMixture: {"score_samples": True}},
+        target_opset=ONNX_OPSET,
+    )
+    # calibrate on what the runtime will compute: ONNX Runtime's float32 outputs
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        (out,) = session.run([SCORE_OUTPUT], {input_name: rows})
+        return -np.asarray(out, dtype=np.float64).reshape(-1)
+
+    hold_scores = score(X_hold)
+    threshold = float(np.quantile(hold_scores, 1 - target_fpr))
+    train_scores = score(X_train)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).write_bytes(onnx_model.SerializeToString())
+    baseline = make_baseline(name, version, names, X_train, train_scores, int((train_scores > threshold).sum()))
+    (out / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
+    np.save(out / SAMPLES_FILE, X_hold[:256])
+    card = TrainingCard(
+        name=name, version=version, features=names,
+        output=OutputSpec(name=SCORE_OUTPUT, meaning="log-likelihood of the row under the Gaussian "
+                          "mixture; outlier score = its negation", higher_is_outlier=False),
+        outlier=OutlierRule(threshold=threshold, target_false_positive_rate=target_fpr,
+                            calibration_rows=int(n_hold)),
+        algorithm=f"StandardScaler+GaussianMixture(n_components={components}, covariance=full)",
+        train_rows=len(X_train),
+    )
+    (out / "training.json").write_text(json.dumps(card.model_dump(), indent=1))
+    return TrainResult(out, card, float((hold_scores > threshold).mean()))

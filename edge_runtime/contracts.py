@@ -1,0 +1,301 @@
+"""The contracts that the cloud and the device share, in one place.
+
+Every document that crosses the cloud/device boundary is one of these typed, versioned models:
+the model bundle manifest, the runtime configuration and the window summary. A reader refuses a
+document whose ``schema_version`` it does not know instead of guessing at its meaning.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MANIFEST_SCHEMA_VERSION = 1
+CONFIG_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 1
+
+
+class ContractError(ValueError):
+    """A shared document is missing, malformed or of an unknown version."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+# --- model bundle manifest -------------------------------------------------------------------
+
+
+class FeatureSpec(_Strict):
+    """One input column of the model, in the order the model expects it."""
+
+    name: str
+    dtype: Literal["float32"] = "float32"
+    missing: Literal["reject", "impute"] = "reject"
+    impute_value: float | None = None
+
+
+class InputSchema(_Strict):
+    name: str = Field(description="the ONNX graph input that takes the feature matrix")
+    dtype: Literal["float32"] = "float32"
+    shape: list[int | None] = Field(description="[None, n_features]: any batch size")
+    features: list[FeatureSpec]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+
+class OutputSpec(_Strict):
+    name: str = Field(description="the ONNX graph output that holds one value per row")
+    meaning: str
+    higher_is_outlier: bool = Field(
+        description="False when the output is a likelihood: the runtime negates it so that "
+        "the outlier score always grows with how unusual a row is"
+    )
+
+
+class OutlierRule(_Strict):
+    kind: Literal["score_above_threshold"] = "score_above_threshold"
+    threshold: float
+    target_false_positive_rate: float
+    calibration_rows: int
+
+
+class BundleManifest(_Strict):
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
+    created_at: datetime
+    model_file: str
+    baseline_file: str
+    files: dict[str, str] = Field(description="relative path -> sha256 hex of every bundle file")
+    input: InputSchema
+    output: OutputSpec
+    outlier: OutlierRule
+    onnx_opset: int
+    optimization: str = Field(description="the ONNX Runtime offline optimisation applied")
+    gpu_capable: bool = Field(description="no operator in the graph is CPU-provider-only")
+
+
+# --- window summary ---------------------------------------------------------------------------
+
+
+class NumericSummary(_Strict):
+    """Mergeable statistics of one numeric series over a window."""
+
+    count: int = 0
+    missing: int = 0
+    nonfinite: int = 0
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    variance: float | None = Field(default=None, description="population variance")
+    hist_edges: list[float] = Field(default_factory=list)
+    hist_counts: list[int] = Field(
+        default_factory=list,
+        description="len(hist_edges)+1 counts: below the first edge, between edges, above the last",
+    )
+    kll: str | None = Field(default=None, description="base64 of a serialised KLL doubles sketch")
+
+
+class WindowSummary(_Strict):
+    schema_version: Literal[1] = SUMMARY_SCHEMA_VERSION
+    model_name: str
+    model_version: str
+    device_id: str
+    window_start: datetime
+    window_end: datetime
+    records: int = Field(0, description="records scored")
+    rejected: int = Field(0, description="records dead-lettered")
+    late: int = Field(0, description="records older than the window they were counted in")
+    outliers: int = 0
+    features: dict[str, NumericSummary]
+    score: NumericSummary
+
+
+# --- runtime configuration --------------------------------------------------------------------
+
+
+class SourceConfig(_Strict):
+    path: str = Field("-", description="a JSON-lines file, or '-' for standard input")
+
+
+class WindowConfig(_Strict):
+    seconds: int = Field(3600, gt=0)
+
+
+class ScoringConfig(_Strict):
+    batch_size: int = Field(256, gt=0)
+    providers: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="ONNX Runtime execution providers in order of preference; 'auto' tries "
+        "CUDA then CPU",
+    )
+
+
+class SinksConfig(_Strict):
+    events: str = "events.jsonl"
+    dead_letter: str = "dead-letter.jsonl"
+    outbox: str = "outbox"
+    max_outlier_samples: int = Field(1000, ge=0, description="per window, synced to the store")
+
+
+class StoreConfig(_Strict):
+    url: str = Field("store", description="a local directory, or s3://bucket/prefix")
+    endpoint_url: str | None = None
+
+
+class RuntimeConfig(_Strict):
+    schema_version: Literal[1] = CONFIG_SCHEMA_VERSION
+    device_id: str = Field(min_length=1)
+    bundle: str
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @field_validator("device_id")
+    @classmethod
+    def _no_slash(cls, v: str) -> str:
+        if "/" in v or "=" in v:
+            raise ValueError("must not contain '/' or '=' (it becomes part of a storage key)")
+        return v
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the first offending key, for people reading a terminal or a log."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<document>"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    return f"{source}: key '{key}': {first['msg']}"
+
+
+def parse_document(model: type[_Strict], data: object, source: str):
+    """Validate ``data`` as ``model``; raise ContractError with a one-line message."""
+    if not isinstance(data, dict):
+        raise ContractError(f"{source}: expected a mapping at the top level")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ContractError(describe_validation_error(err, source)) from None
+
+
+def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> RuntimeConfig:
+    """Read an edge.yaml (YAML or JSON), or none, and apply dotted ``key=value`` overrides.
+
+    Relative paths in a file are relative to that file; without a file, to the working directory.
+    """
+    import yaml
+
+    data: object = {}
+    source = "config"
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        source, base = str(path), path.parent
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ContractError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}:" if mark else ""
+            raise ContractError(f"{path}:{where} not valid YAML") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise ContractError(f"{source}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, yaml.safe_load(value))
+    return resolve_paths(parse_document(RuntimeConfig, data, source), base)
+
+
+def resolve_paths(config: RuntimeConfig, base: Path) -> RuntimeConfig:
+    """Relative paths in a config file mean relative to that file, not to the working directory."""
+
+    def rel(p: str) -> str:
+        return p if p == "-" or "://" in p or Path(p).is_absolute() else str(base / p)
+
+    config.bundle = rel(config.bundle)
+    config.source.path = rel(config.source.path)
+    config.sinks.events = rel(config.sinks.events)
+    config.sinks.dead_letter = rel(config.sinks.dead_letter)
+    config.sinks.outbox = rel(config.sinks.outbox)
+    config.store.url = rel(config.store.url)
+    return config
+
+
+def _set_dotted(data: dict, dotted: str, value: object) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ContractError(f"override {dotted}: '{part}' is not a mapping")
+    node[leaf] = value
+
+
+def load_manifest(path: str | Path) -> BundleManifest:
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContractError(f"{path}: no manifest (is this a model bundle?)") from None
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    return parse_document(BundleManifest, data, str(path))
+
+
+def load_summary(data: bytes | str, source: str) -> WindowSummary:
+    import json
+
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{source}: not valid JSON ({err.msg})") from None
+    return parse_document(WindowSummary, doc, source)
+
+
+# --- object-store key layout ------------------------------------------------------------------
+
+SUMMARY_PREFIX = "summaries/"
+OUTLIER_PREFIX = "outliers/"
+BASELINE_PREFIX = "baselines/"
+
+
+def window_stamp(start: datetime) -> str:
+    return start.strftime("%Y%m%dT%H%M%SZ")
+
+
+def _partition(model: str, version: str, device: str, start: datetime) -> str:
+    return f"model={model}/version={version}/device={device}/date={start:%Y-%m-%d}"
+
+
+def summary_key(model: str, version: str, device: str, start: datetime) -> str:
+    """summaries/model=<name>/version=<v>/device=<id>/date=<YYYY-MM-DD>/<window-start>.json"""
+    return f"{SUMMARY_PREFIX}{_partition(model, version, device, start)}/{window_stamp(start)}.json"
+
+
+def outlier_key(model: str, version: str, device: str, start: datetime) -> str:
+    return f"{OUTLIER_PREFIX}{_partition(model, version, device, start)}/{window_stamp(start)}.jsonl"
+
+
+def baseline_key(model: str, version: str) -> str:
+    return f"{BASELINE_PREFIX}model={model}/version={version}/baseline.json"
+
+
+def model_key(model: str, version: str, filename: str) -> str:
+    return f"models/model={model}/version={version}/{filename}"

@@ -1,0 +1,1 @@
+"""Turning a trained ONNX model into a verified model bundle the device can trust."""
