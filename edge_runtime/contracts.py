@@ -217,7 +217,9 @@ def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | Non
     if not isinstance(data, dict):
         raise ContractError(f"{source}: expected a mapping at the top level")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, yaml.safe_load(value))
+        # values stay strings (a thing name like "007" must not become 7) unless they are YAML
+        # flow collections; pydantic turns "60" into an int where the schema wants one
+        _set_dotted(data, dotted, yaml.safe_load(value) if value.strip()[:1] in "[{" else value)
     return resolve_paths(parse_document(RuntimeConfig, data, source), base)
 
 

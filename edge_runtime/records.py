@@ -21,6 +21,8 @@ import numpy as np
 
 from .contracts import InputSchema
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class Record:
@@ -108,7 +110,7 @@ class RecordParser:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return Rejection(f"non-numeric value for '{spec.name}'", line, line_no, ts)
-            if not math.isfinite(value) or abs(value) > np.finfo(np.float32).max:
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
                 nonfinite.append(spec.name)
                 continue
             values[i] = value

@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+
+from edge_runtime.contracts import ContractError, RuntimeConfig, load_runtime_config, summary_key
+
+
+def write(tmp_path, text):
+    p = tmp_path / "edge.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_missing_key_is_named_in_one_line(tmp_path):
+    with pytest.raises(ContractError) as err:
+        load_runtime_config(write(tmp_path, "bundle: b\n"))
+    assert str(err.value) == f"{tmp_path / 'edge.yaml'}: missing key 'device_id'"
+
+
+def test_nested_missing_and_unknown_keys(tmp_path):
+    with pytest.raises(ContractError, match="unknown key 'window.minutes'"):
+        load_runtime_config(write(tmp_path, "device_id: d\nbundle: b\nwindow: {minutes: 5}\n"))
+    with pytest.raises(ContractError, match="key 'window.seconds'"):
+        load_runtime_config(write(tmp_path, "device_id: d\nbundle: b\nwindow: {seconds: -1}\n"))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ContractError, match="not valid YAML"):
+        load_runtime_config(write(tmp_path, "device_id: [unclosed\n"))
+    with pytest.raises(ContractError, match="no such config file"):
+        load_runtime_config(tmp_path / "nope.yaml")
+    with pytest.raises(ContractError, match="mapping"):
+        load_runtime_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_runtime_config(write(tmp_path, "device_id: d\nbundle: bundle\nstore: {url: s3://b/p}\n"))
+    assert cfg.bundle == str(tmp_path / "bundle")
+    assert cfg.sinks.outbox == str(tmp_path / "outbox")
+    assert cfg.store.url == "s3://b/p"
+    assert cfg.source.path == "-"
+
+
+def test_overrides_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_runtime_config(None, {"device_id": "007", "bundle": "/b", "window.seconds": "60"})
+    assert cfg.device_id == "007" and cfg.window.seconds == 60
+    assert cfg.sinks.events == str(tmp_path / "events.jsonl")
+
+
+def test_device_id_cannot_break_the_key_layout():
+    with pytest.raises(ValueError):
+        RuntimeConfig(device_id="a/b", bundle="x")
+
+
+def test_summary_key_layout():
+    from datetime import datetime, timezone
+
+    start = datetime(2026, 11, 1, 13, 0, tzinfo=timezone.utc)
+    assert summary_key("m", "1.0.0", "dev-1", start) == (
+        "summaries/model=m/version=1.0.0/device=dev-1/date=2026-11-01/20261101T130000Z.json"
+    )
+
+
+def test_cli_reports_missing_key_and_exits_nonzero(tmp_path):
+    cfg = write(tmp_path, "bundle: b\n")
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"edgeloop run: error: {cfg}: missing key 'device_id'"]

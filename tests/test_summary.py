@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from edge_runtime.summary import SeriesAccumulator, decode_sketch, merge_summaries, summarise
+
+EDGES = [-1.0, 0.0, 1.0]
+
+
+def test_statistics_match_numpy():
+    x = np.random.default_rng(0).normal(2.0, 3.0, 5000)
+    s = summarise(x, EDGES)
+    assert s.count == 5000
+    assert s.mean == pytest.approx(x.mean(), rel=1e-12)
+    assert s.variance == pytest.approx(x.var(), rel=1e-9)
+    assert (s.min, s.max) == (x.min(), x.max())
+    expected = np.histogram(x, [-np.inf, *EDGES, np.inf])[0]
+    assert s.hist_counts == expected.tolist()
+    assert decode_sketch(s.kll).get_quantile(0.5) == pytest.approx(np.median(x), abs=0.15)
+
+
+def test_value_on_an_edge_goes_to_the_bin_above():
+    assert summarise(np.array([0.0]), EDGES).hist_counts == [0, 0, 1, 0]
+
+
+def test_merging_parts_equals_summarising_the_whole():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(m, 1 + abs(m), n) for m, n in [(0, 10), (5, 3000), (-2, 700), (1, 1)]]
+    whole = summarise(np.concatenate(parts), EDGES)
+    merged = merge_summaries([summarise(p, EDGES) for p in parts])
+    assert merged.count == whole.count and merged.hist_counts == whole.hist_counts
+    assert merged.mean == pytest.approx(whole.mean, rel=1e-12)
+    assert merged.variance == pytest.approx(whole.variance, rel=1e-9)
+    assert (merged.min, merged.max) == (whole.min, whole.max)
+    q = [0.1, 0.5, 0.9]
+    assert decode_sketch(merged.kll).get_quantiles(q) == pytest.approx(
+        np.quantile(np.concatenate(parts), q), abs=0.3)
+
+
+def test_missing_and_nonfinite_are_counted_not_summarised():
+    acc = SeriesAccumulator(EDGES)
+    acc.update(np.array([1.0, np.nan, np.inf, -np.inf, 3.0]))
+    acc.add_missing(2)
+    s = acc.summary()
+    assert (s.count, s.missing, s.nonfinite, s.mean) == (2, 3, 2, 2.0)
+    empty = SeriesAccumulator(EDGES).summary()
+    assert empty.count == 0 and empty.mean is None and empty.kll is None
+    assert merge_summaries([empty, s]).count == 2
+
+
+def test_edges_must_agree_to_merge():
+    with pytest.raises(ValueError, match="edges"):
+        merge_summaries([summarise(np.ones(3), EDGES), summarise(np.ones(3), [0.0])])
