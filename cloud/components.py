@@ -93,6 +93,9 @@ def build_runtime(out: Path, root: Path = PROJECT_ROOT) -> BuiltComponent:
         _zip_dir(zf, root / "components" / "runtime", "edgeloop-runtime")
     artifact.write_bytes(buf.getvalue())
     text = (root / "recipe.yaml").read_text()
+    declared = (yaml.safe_load(text) or {}).get("ComponentName")
+    if declared not in (name, "{COMPONENT_NAME}"):
+        raise ComponentError(f"recipe.yaml names {declared!r} but gdk-config.json builds {name!r}")
     for placeholder, value in {"{COMPONENT_NAME}": name, "{COMPONENT_VERSION}": version,
                                "{COMPONENT_AUTHOR}": gdk.get("author", "edgeloop")}.items():
         text = text.replace(placeholder, value)

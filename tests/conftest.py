@@ -1,18 +1,13 @@
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from pathlib import Path  # noqa: F401
 
-import numpy as np
 import pytest
 
 from cloud import synthetic
 from cloud.train import train
 from edge_runtime.contracts import RuntimeConfig
 from model_compile.compile import compile_bundle
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -45,18 +40,3 @@ def make_config(tmp_path, bundle_dir):
         doc.update(overrides)
         return RuntimeConfig.model_validate(doc)
     return make
-
-
-def record_line(values, ts=synthetic.START_TS, rid=None) -> str:
-    rec = {"ts": ts, **dict(zip(synthetic.FEATURES, (float(v) for v in values)))}
-    if rid is not None:
-        rec["id"] = rid
-    return json.dumps(rec)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-
-
-def normal_rows(n: int, seed: int = 0) -> np.ndarray:
-    return synthetic.device_stream("x", n, seed=seed, anomaly_rate=0.0).X

@@ -1,0 +1,138 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import normal_rows, read_jsonl, record_line
+
+from cloud import synthetic
+from edge_runtime.bundle import BundleError
+from edge_runtime.contracts import load_summary
+from edge_runtime.runtime import EdgeRuntime
+from edge_runtime.store import LocalStore, StoreError
+
+T0 = synthetic.START_TS
+
+
+def test_runtime_flags_outliers_summarises_windows_and_syncs(make_config, tmp_path):
+    rows = normal_rows(200)
+    rows[50, 5] += 2000  # rpm spike
+    lines = [record_line(r, ts=T0 + 30 * i, rid=f"r{i}") for i, r in enumerate(rows)]  # 100 min: 2 windows
+    config = make_config()
+    with EdgeRuntime(config) as rt:
+        stats = rt.process(lines)
+    assert stats.scored == 200 and stats.rejected == 0 and stats.provider == "CPUExecutionProvider"
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert "r50" in {e["id"] for e in events}
+    assert stats.outliers == len(events) <= 8  # the spike plus at most a few false alarms
+
+    store = LocalStore(tmp_path / "store")
+    keys = sorted(store.list("summaries/"))
+    assert keys == [
+        "summaries/model=sensor-outliers/version=1.0.0/device=dev-test/date=2026-11-01/20261101T000000Z.json",
+        "summaries/model=sensor-outliers/version=1.0.0/device=dev-test/date=2026-11-01/20261101T010000Z.json",
+    ]
+    first, second = (load_summary(store.get(k), k) for k in keys)
+    assert (first.records, second.records) == (120, 80)
+    assert first.features["rpm"].count == 120
+    assert first.features["rpm"].mean == pytest.approx(float(rows[:120, 5].astype(np.float64).mean()), rel=1e-6)
+    assert first.outliers + second.outliers == stats.outliers
+    samples = [k for k in store.list("outliers/")]
+    assert samples and "r50" in store.get(samples[0]).decode()
+    assert not list(LocalStore(tmp_path / "outbox").list())  # everything forwarded
+
+
+def test_bad_records_are_dead_lettered_and_serving_goes_on(make_config, tmp_path):
+    rows = normal_rows(20)
+    good = [record_line(r, ts=T0 + i) for i, r in enumerate(rows)]
+    bad = [
+        "{not json",
+        json.dumps({"ts": T0, "features": [1, 2, 3]}),
+        record_line(rows[0], ts=T0).replace('"rpm": ', '"rpm": NaN, "x": '),
+        json.dumps({"ts": T0, **dict(zip(synthetic.FEATURES, rows[0].tolist())), "rpm": None}),
+        json.dumps({"ts": T0, **dict(zip(synthetic.FEATURES, rows[0].tolist())), "rpm": "high"}),
+    ]
+    lines = good[:10] + bad + good[10:] + [""]
+    with EdgeRuntime(make_config()) as rt:
+        stats = rt.process(lines)
+    assert stats.scored == 20 and stats.rejected == 5
+    letters = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert [d["line_no"] for d in letters] == [11, 12, 13, 14, 15]
+    assert "malformed JSON" in letters[0]["reason"] and letters[0]["line"] == "{not json"
+    assert "wrong number of features" in letters[1]["reason"]
+    assert "non-finite ['rpm']" in letters[2]["reason"] and "missing ['rpm']" in letters[3]["reason"]
+    (key,) = LocalStore(tmp_path / "store").list("summaries/")
+    s = load_summary(LocalStore(tmp_path / "store").get(key), key)
+    assert (s.records, s.rejected) == (20, 5)
+    assert (s.features["rpm"].missing, s.features["rpm"].nonfinite) == (1, 1)
+
+
+def test_late_records_are_counted_in_the_open_window(make_config, tmp_path):
+    rows = normal_rows(3)
+    lines = [record_line(rows[0], ts=T0 + 3600), record_line(rows[1], ts=T0 + 10), record_line(rows[2], ts=T0 + 3601)]
+    with EdgeRuntime(make_config()) as rt:
+        rt.process(lines)
+    (key,) = LocalStore(tmp_path / "store").list("summaries/")
+    s = load_summary(LocalStore(tmp_path / "store").get(key), key)
+    assert (s.records, s.late) == (3, 1)
+
+
+class FlakyStore(LocalStore):
+    """A store that is offline until told otherwise."""
+
+    online = False
+
+    def put(self, key, data):
+        if not self.online:
+            raise StoreError("network is unreachable")
+        super().put(key, data)
+
+
+def test_store_and_forward_loses_nothing_while_offline(make_config, tmp_path):
+    store = FlakyStore(tmp_path / "store")
+    rows = normal_rows(240)
+    lines = [record_line(r, ts=T0 + 60 * i) for i, r in enumerate(rows)]  # 4 hourly windows
+    with EdgeRuntime(make_config(), store=store) as rt:
+        stats = rt.process(lines)
+    assert stats.windows == 4 and stats.sent == 0 and stats.pending >= 4
+    outbox = LocalStore(tmp_path / "outbox")
+    pending = [k for k in outbox.list() if k.startswith("summaries/")]
+    assert len(pending) == 4 and not list(store.list())
+
+    store.online = True
+    with EdgeRuntime(make_config(), store=store) as rt:  # the next start (or window) flushes
+        rt.process([])
+    assert sorted(store.list("summaries/")) == sorted(pending)
+    assert not list(outbox.list())
+    total = sum(load_summary(store.get(k), k).records for k in pending)
+    assert total == 240
+
+
+def test_tampered_bundle_refuses_to_start(bundle_dir, make_config, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    (copy / "baseline.json").write_text((copy / "baseline.json").read_text().replace('"count"', '"count" ', 1))
+    with pytest.raises(BundleError, match="checksum mismatch for baseline.json"):
+        EdgeRuntime(make_config(bundle=str(copy)))
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d\nbundle: {copy}\n")
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--input", "/dev/null"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert "checksum mismatch for baseline.json" in line
+
+
+def test_cli_run_reads_stdin_and_reports_provider(bundle_dir, tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d1\nbundle: {bundle_dir}\n")
+    data = "\n".join(record_line(r, ts=T0 + i) for i, r in enumerate(normal_rows(50))) + "\n{bad\n"
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--json"],
+                          input=data, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["scored"] == 50 and report["rejected"] == 1 and report["windows"] == 1
+    assert report["provider"] == "CPUExecutionProvider"
+    assert (tmp_path / "store" / "summaries").is_dir()
