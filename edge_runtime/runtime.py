@@ -29,6 +29,9 @@ from .summary import SeriesAccumulator
 
 log = logging.getLogger(__name__)
 
+SYNC_BACKOFF_START_S = 5.0
+SYNC_BACKOFF_MAX_S = 300.0
+
 
 @dataclass
 class RunStats:
@@ -79,6 +82,8 @@ class EdgeRuntime:
         self.window: Window | None = None
         self.pending: list[Record] = []
         self.stats = RunStats(provider=self.scorer.provider)
+        self._backoff = 0.0
+        self._retry_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -91,14 +96,25 @@ class EdgeRuntime:
     def close(self) -> None:
         """Score what is pending, close the open window and try one last sync."""
         self._close_window()
-        self.sync()
+        self.sync(force=True)
         self.events.close()
         self.dead_letter.close()
 
-    def sync(self) -> None:
+    def sync(self, force: bool = False) -> None:
+        """Forward the outbox; after a failure, wait (doubling, up to 5 min) before the next try,
+        so an unreachable store never stalls scoring at every window close."""
+        now = time.monotonic()
+        if not force and now < self._retry_at:
+            self.stats.pending = len(self.outbox.pending())
+            return
         result = self.outbox.flush(self.store)
         self.stats.sent += result.sent
         self.stats.pending = result.pending
+        if result.failed:
+            self._backoff = min(self._backoff * 2 if self._backoff else SYNC_BACKOFF_START_S, SYNC_BACKOFF_MAX_S)
+            self._retry_at = now + self._backoff
+        else:
+            self._backoff, self._retry_at = 0.0, 0.0
 
     # -- the data path --------------------------------------------------------------------------
 

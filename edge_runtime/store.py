@@ -80,6 +80,7 @@ class S3Store:
 
     def __init__(self, url: str, endpoint_url: str | None = None, client=None) -> None:
         import boto3
+        from botocore.config import Config
 
         rest = url.removeprefix("s3://")
         self.bucket, _, prefix = rest.partition("/")
@@ -87,7 +88,9 @@ class S3Store:
             raise ValueError(f"no bucket in {url!r}")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = url
-        self.client = client or boto3.client("s3", endpoint_url=endpoint_url)
+        # bounded timeouts: a device on a bad link must fail fast and leave data in its outbox
+        config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
     def _call(self, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError

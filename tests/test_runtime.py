@@ -83,8 +83,10 @@ class FlakyStore(LocalStore):
     """A store that is offline until told otherwise."""
 
     online = False
+    attempts = 0
 
     def put(self, key, data):
+        self.attempts += 1
         if not self.online:
             raise StoreError("network is unreachable")
         super().put(key, data)
@@ -100,6 +102,7 @@ def test_store_and_forward_loses_nothing_while_offline(make_config, tmp_path):
     outbox = LocalStore(tmp_path / "outbox")
     pending = [k for k in outbox.list() if k.startswith("summaries/")]
     assert len(pending) == 4 and not list(store.list())
+    assert store.attempts == 2  # the first window close, then the forced flush at shutdown; backoff between
 
     store.online = True
     with EdgeRuntime(make_config(), store=store) as rt:  # the next start (or window) flushes

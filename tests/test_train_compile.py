@@ -47,6 +47,7 @@ def test_corrupt_bundle_is_refused(bundle_dir, tmp_path):
         load_bundle(copy)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_parity_gate_catches_flattened_multi_output_regressor(tmp_path, trained_dir):
     """skl2onnx exports a multi-output MLPRegressor as (N*k, 1): the gate must refuse it."""
     from skl2onnx import to_onnx
