@@ -181,7 +181,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: key '{key}': {first['msg']}"
 
 
-def parse_document(model: type[_Strict], data: object, source: str):
+def parse_document(model: type[BaseModel], data: object, source: str):
     """Validate ``data`` as ``model``; raise ContractError with a one-line message."""
     if not isinstance(data, dict):
         raise ContractError(f"{source}: expected a mapping at the top level")
@@ -248,17 +248,22 @@ def _set_dotted(data: dict, dotted: str, value: object) -> None:
     node[leaf] = value
 
 
-def load_manifest(path: str | Path) -> BundleManifest:
+def load_json_file(model: type[BaseModel], path: str | Path, missing: str):
+    """Read and validate a JSON document; ``missing`` says what its absence means."""
     import json
 
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ContractError(f"{path}: no manifest (is this a model bundle?)") from None
+        raise ContractError(f"{path}: {missing}") from None
     except json.JSONDecodeError as err:
         raise ContractError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    return parse_document(BundleManifest, data, str(path))
+    return parse_document(model, data, str(path))
+
+
+def load_manifest(path: str | Path) -> BundleManifest:
+    return load_json_file(BundleManifest, path, "no manifest (is this a model bundle?)")
 
 
 def load_summary(data: bytes | str, source: str) -> WindowSummary:

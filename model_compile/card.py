@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from edge_runtime.contracts import ContractError, OutlierRule, OutputSpec, parse_document
+from edge_runtime.contracts import OutlierRule, OutputSpec, load_json_file
 
 CARD_FILE = "training.json"
 MODEL_FILE = "model.onnx"
@@ -29,11 +28,4 @@ class TrainingCard(BaseModel):
 
 
 def load_card(directory: str | Path) -> TrainingCard:
-    path = Path(directory) / CARD_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ContractError(f"{path}: not found (is {directory} a training output?)") from None
-    except json.JSONDecodeError as err:
-        raise ContractError(f"{path}: not valid JSON ({err.msg})") from None
-    return parse_document(TrainingCard, data, str(path))
+    return load_json_file(TrainingCard, Path(directory) / CARD_FILE, f"not found (is {directory} a training output?)")
