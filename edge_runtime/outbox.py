@@ -24,7 +24,7 @@ class FlushResult:
 
 class Outbox:
     def __init__(self, directory: str) -> None:
-        self.spool = LocalStore(directory)
+        self.spool = LocalStore(directory, durable=True)
 
     def put(self, key: str, data: bytes) -> None:
         self.spool.put(key, data)

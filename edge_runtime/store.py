@@ -40,11 +40,16 @@ def _check_key(key: str) -> str:
 
 
 class LocalStore:
-    """A directory whose relative file paths are the object keys."""
+    """A directory whose relative file paths are the object keys.
 
-    def __init__(self, root: str | Path) -> None:
+    ``durable=True`` fsyncs each object before it becomes visible, for the device's outbox:
+    a summary acknowledged there survives a power cut.
+    """
+
+    def __init__(self, root: str | Path, durable: bool = False) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.durable = durable
 
     def put(self, key: str, data: bytes) -> None:
         path = self.root / _check_key(key)
@@ -54,6 +59,9 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                if self.durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
