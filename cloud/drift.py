@@ -79,6 +79,8 @@ class ModelDrift:
 
 def psi(baseline: NumericSummary, current: NumericSummary) -> float:
     """Population stability index on the baseline's bins."""
+    if baseline.hist_edges != current.hist_edges:
+        raise ValueError("histogram edges differ from the baseline's (a bundle from another training run?)")
     p = np.asarray(baseline.hist_counts, dtype=np.float64)
     q = np.asarray(current.hist_counts, dtype=np.float64)
     if p.sum() == 0 or q.sum() == 0:
@@ -174,10 +176,13 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
         if baseline is None:
             warnings.append(f"no baseline for {model} {version}: skipped (register the bundle first)")
             continue
-        reports.append(ModelDrift(
-            model, version,
-            [assess_device(baseline, wins, thresholds) for _, wins in sorted(devices.items())],
-        ))
+        assessed = []
+        for device, wins in sorted(devices.items()):
+            try:
+                assessed.append(assess_device(baseline, wins, thresholds))
+            except (ValueError, KeyError) as err:  # one inconsistent device must not hide the fleet
+                warnings.append(f"{model} {version} device {device}: skipped: {err}")
+        reports.append(ModelDrift(model, version, assessed))
     return reports, warnings
 
 

@@ -36,7 +36,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         config = load_runtime_config(args.config, overrides)
         stats = run_file(config, args.input)
-    except (ContractError, BundleError, ScoringError, OSError) as err:
+    except (ContractError, BundleError, ScoringError, OSError, ValueError) as err:
         print(f"edgeloop run: error: {err}", file=sys.stderr)
         return 2
     report = stats.__dict__

@@ -291,13 +291,21 @@ def _partition(model: str, version: str, device: str, start: datetime) -> str:
     return f"model={model}/version={version}/device={device}/date={start:%Y-%m-%d}"
 
 
-def summary_key(model: str, version: str, device: str, start: datetime) -> str:
-    """summaries/model=<name>/version=<v>/device=<id>/date=<YYYY-MM-DD>/<window-start>.json"""
-    return f"{SUMMARY_PREFIX}{_partition(model, version, device, start)}/{window_stamp(start)}.json"
+def _stamp(start: datetime, part: int) -> str:
+    return window_stamp(start) + (f"-part{part}" if part else "")
 
 
-def outlier_key(model: str, version: str, device: str, start: datetime) -> str:
-    return f"{OUTLIER_PREFIX}{_partition(model, version, device, start)}/{window_stamp(start)}.jsonl"
+def summary_key(model: str, version: str, device: str, start: datetime, part: int = 0) -> str:
+    """summaries/model=<name>/version=<v>/device=<id>/date=<YYYY-MM-DD>/<window-start>.json
+
+    ``part`` > 0 marks a further summary of the same window (the runtime restarted inside it);
+    readers merge all parts of a window.
+    """
+    return f"{SUMMARY_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part)}.json"
+
+
+def outlier_key(model: str, version: str, device: str, start: datetime, part: int = 0) -> str:
+    return f"{OUTLIER_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part)}.jsonl"
 
 
 def baseline_key(model: str, version: str) -> str:

@@ -8,11 +8,14 @@ day loses nothing and catches up when the link returns.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from .store import LocalStore, ObjectStore
 
 log = logging.getLogger(__name__)
+
+LAST_KEY_FILE = ".last-window"
 
 
 @dataclass
@@ -28,6 +31,24 @@ class Outbox:
 
     def put(self, key: str, data: bytes) -> None:
         self.spool.put(key, data)
+
+    def next_part(self, key: str) -> int:
+        """0 the first time ``key`` is asked for, then 1, 2, ...: remembered across restarts.
+
+        Only the last key is kept: windows close in order, so only a restart inside the most
+        recent window can collide with what was already written (and perhaps already sent).
+        """
+        state = self.spool.root / LAST_KEY_FILE
+        try:
+            last_key, _, part = state.read_text().rpartition(" ")
+            part = int(part) + 1 if last_key == key else 0
+        except (OSError, ValueError):
+            part = 0
+        self.spool.root.mkdir(parents=True, exist_ok=True)
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(f"{key} {part}")
+        os.replace(tmp, state)
+        return part
 
     def pending(self) -> list[str]:
         return list(self.spool.list())

@@ -42,13 +42,24 @@ class Rejection:
     nonfinite: list[str] = field(default_factory=list)
 
 
+MAX_TS = 253_402_300_800  # 10000-01-01: the end of what datetime can hold
+MS_FROM = 100_000_000_000  # larger epoch numbers are milliseconds (1e11 s is the year 5138)
+
+
 def parse_timestamp(value: object) -> float:
+    """Epoch seconds or milliseconds, or an ISO-8601 string, as epoch seconds."""
     if isinstance(value, bool):
         raise ValueError("bad timestamp")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError("bad timestamp")
-        return float(value)
+        try:
+            ts = float(value)
+        except OverflowError:
+            raise ValueError("bad timestamp") from None
+        if ts >= MS_FROM:
+            ts /= 1000.0
+        if not (math.isfinite(ts) and 0 <= ts < MAX_TS):
+            raise ValueError(f"timestamp out of range: {value!r}")
+        return ts
     if isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -110,6 +121,10 @@ class RecordParser:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return Rejection(f"non-numeric value for '{spec.name}'", line, line_no, ts)
+            try:
+                value = float(value)
+            except OverflowError:  # a huge JSON integer
+                value = math.inf
             if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
                 nonfinite.append(spec.name)
                 continue

@@ -84,6 +84,8 @@ class EdgeRuntime:
         self.stats = RunStats(provider=self.scorer.provider)
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._last_event_ts: float | None = None
+        self._orphans: list[Rejection] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -129,10 +131,14 @@ class EdgeRuntime:
     def feed(self, line: str, line_no: int) -> None:
         item = self.parser.parse(line, line_no)
         if isinstance(item, Rejection):
-            # a record too broken to carry a timestamp must not move the window clock
-            self._reject(item, self._window_for(item.ts) if item.ts is not None else self.window)
+            # a rejected record's timestamp is not trusted: it never opens or closes a window
+            self._reject(item, self.window)
             return
-        self._window_for(item.ts if item.ts is not None else self.clock())
+        if item.ts is not None:
+            self._last_event_ts = item.ts
+        # without a ts: the stream's own time if it has one (a replay must not jump to "now")
+        ts = item.ts if item.ts is not None else self._last_event_ts
+        self._window_for(ts if ts is not None else self.clock())
         self.pending.append(item)
         if len(self.pending) >= self.config.scoring.batch_size:
             self._score_pending()
@@ -160,6 +166,9 @@ class EdgeRuntime:
             ],
             score=SeriesAccumulator(baseline.score.hist_edges),
         )
+        for rejection in self._orphans:  # rejected before any window was open
+            self._count_rejection(rejection, self.window)
+        self._orphans.clear()
         return self.window
 
     def _reject(self, rejection: Rejection, window: Window | None) -> None:
@@ -168,7 +177,11 @@ class EdgeRuntime:
             {"reason": rejection.reason, "line_no": rejection.line_no, "line": rejection.line.rstrip("\n")}
         )
         if window is None:
+            self._orphans.append(Rejection(rejection.reason, "", 0, None, rejection.missing, rejection.nonfinite))
             return
+        self._count_rejection(rejection, window)
+
+    def _count_rejection(self, rejection: Rejection, window: Window) -> None:
         window.rejected += 1
         names = self.manifest.input.feature_names
         for name in rejection.missing:
@@ -242,10 +255,12 @@ class EdgeRuntime:
             score=window.score.summary(),
         )
         device = self.config.device_id
-        self.outbox.put(summary_key(m.name, m.version, device, window.start), summary.model_dump_json().encode())
+        # a restart inside a window writes a second part rather than overwrite the first
+        part = self.outbox.next_part(summary_key(m.name, m.version, device, window.start))
+        self.outbox.put(summary_key(m.name, m.version, device, window.start, part), summary.model_dump_json().encode())
         if window.samples:
             body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in window.samples)
-            self.outbox.put(outlier_key(m.name, m.version, device, window.start), body.encode())
+            self.outbox.put(outlier_key(m.name, m.version, device, window.start, part), body.encode())
         self.stats.windows += 1
         self.sync()
 

@@ -62,7 +62,10 @@ class Scorer:
     def score(self, matrix: np.ndarray) -> np.ndarray:
         if matrix.ndim != 2 or matrix.shape[1] != self.n_features:
             raise ScoringError(f"expected a (n, {self.n_features}) matrix, got {matrix.shape}")
-        (out,) = self.session.run([self.output_name], {self.input_name: matrix.astype(np.float32)})
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: matrix.astype(np.float32)})
+        except Exception as err:  # onnxruntime's own errors (bad input, CUDA out of memory, ...)
+            raise ScoringError(f"ONNX Runtime failed on a batch of {len(matrix)}: {err}") from None
         out = np.asarray(out)
         if out.size != matrix.shape[0]:
             raise ScoringError(

@@ -77,7 +77,7 @@ class LocalStore:
         if not self.root.is_dir():
             return
         for path in sorted(self.root.rglob("*")):
-            if path.is_file() and not path.name.startswith(".tmp-"):
+            if path.is_file() and not path.name.startswith("."):  # temp files, local state
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key

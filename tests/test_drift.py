@@ -50,3 +50,21 @@ def test_device_verdict_merges_its_windows():
     assert assess_device(base, clean, Thresholds()).verdict == "ok"
     d2 = assess_device(base, half, Thresholds())
     assert d2.verdict == "drift" and d2.drifted_features == ["f"] and d2.records == 2000
+
+
+def test_a_device_with_foreign_bin_edges_is_skipped_with_a_warning(tmp_path):
+    from cloud.drift import fleet_drift
+    from edge_runtime.contracts import baseline_key, summary_key
+    from edge_runtime.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    base = window("training", BASE, 0)
+    store.put(baseline_key("m", "1.0.0"), base.model_dump_json().encode())
+    good = window("d1", np.random.default_rng(4).normal(0, 1, 500), 1)
+    odd = window("d2", np.random.default_rng(5).normal(0, 1, 500), 1)
+    odd.features["f"] = summarise(np.zeros(500), [0.0, 1.0])
+    for w in (good, odd):
+        store.put(summary_key("m", "1.0.0", w.device_id, w.window_start), w.model_dump_json().encode())
+    (report,), warnings = fleet_drift(store)
+    assert [d.device_id for d in report.devices] == ["d1"]
+    assert len(warnings) == 1 and "d2" in warnings[0] and "edges" in warnings[0]

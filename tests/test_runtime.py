@@ -139,3 +139,80 @@ def test_cli_run_reads_stdin_and_reports_provider(bundle_dir, tmp_path):
     assert report["scored"] == 50 and report["rejected"] == 1 and report["windows"] == 1
     assert report["provider"] == "CPUExecutionProvider"
     assert (tmp_path / "store" / "summaries").is_dir()
+
+
+def summaries(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    return {k: load_summary(store.get(k), k) for k in store.list("summaries/")}
+
+
+def test_a_restart_inside_a_window_adds_a_part_instead_of_overwriting(make_config, tmp_path):
+    from cloud.drift import fleet_drift
+    from cloud.registry import register
+
+    rows = normal_rows(150)
+    for chunk in (rows[:100], rows[100:]):  # two runs, both inside the first hour
+        with EdgeRuntime(make_config()) as rt:
+            rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(chunk))
+    got = summaries(tmp_path)
+    assert sorted(k.rsplit("/", 1)[1] for k in got) == ["20261101T000000Z-part1.json", "20261101T000000Z.json"]
+    assert sum(s.records for s in got.values()) == 150
+    register(make_config().bundle, LocalStore(tmp_path / "store"))
+    (report,), _ = fleet_drift(LocalStore(tmp_path / "store"))
+    assert report.devices[0].records == 150
+
+
+def test_timestamps_in_milliseconds_and_absurd_values(make_config, tmp_path):
+    rows = normal_rows(4)
+    big = "1" + "0" * 400
+    lines = [
+        record_line(rows[0], ts=T0 * 1000),          # milliseconds
+        record_line(rows[1], ts=T0).replace(f'"ts": {T0}', f'"ts": {big}'),
+        record_line(rows[2], ts=T0).replace('"rpm": ', f'"rpm": {big}, "x": '),
+        record_line(rows[3], ts=1e300),
+    ]
+    with EdgeRuntime(make_config()) as rt:
+        stats = rt.process(lines)
+    assert (stats.scored, stats.rejected) == (1, 3)
+    reasons = [d["reason"] for d in read_jsonl(tmp_path / "dead-letter.jsonl")]
+    assert "timestamp" in reasons[0] and "non-finite ['rpm']" in reasons[1] and "timestamp" in reasons[2]
+    (s,) = summaries(tmp_path).values()
+    assert s.window_start.timestamp() == T0 and s.rejected == 3
+
+
+def test_neither_a_record_without_ts_nor_a_rejected_one_moves_the_clock(make_config, tmp_path):
+    rows = normal_rows(20)
+    lines = [record_line(r, ts=T0 + 60 * i) for i, r in enumerate(rows)]
+    lines[3] = json.dumps(dict(zip(synthetic.FEATURES, rows[3].tolist())))  # no ts
+    lines[6] = json.dumps({"ts": T0 + 30 * 86400, "features": [1, 2]})  # rejected, a month ahead
+    with EdgeRuntime(make_config(), clock=lambda: T0 + 10 * 86400) as rt:
+        rt.process(lines)
+    (s,) = summaries(tmp_path).values()
+    assert (s.records, s.rejected, s.late) == (19, 1, 0)
+
+
+def test_rejections_before_the_first_window_are_counted_in_it(make_config, tmp_path):
+    with EdgeRuntime(make_config()) as rt:
+        rt.process(["{bad", record_line(normal_rows(1)[0])])
+    (s,) = summaries(tmp_path).values()
+    assert (s.records, s.rejected) == (1, 1)
+
+
+def test_a_failing_model_call_dead_letters_the_batch_and_serving_goes_on(make_config, tmp_path, monkeypatch):
+    rows = normal_rows(10)
+    rt = EdgeRuntime(make_config(scoring={"batch_size": 4}))
+    real_run, calls = rt.scorer.session.run, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(rt.scorer.session, "run", flaky, raising=False)
+    with rt:
+        stats = rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(rows))
+    assert (stats.scored, stats.rejected) == (6, 4)
+    letters = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert [d["line_no"] for d in letters] == [5, 6, 7, 8]
+    assert all("out of memory" in d["reason"] for d in letters)
