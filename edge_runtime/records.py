@@ -30,6 +30,7 @@ class Record:
     ts: float | None
     record_id: str | None
     line_no: int
+    line: str  # kept so a record that fails later (scoring) is dead-lettered as it arrived
 
 
 @dataclass
@@ -136,4 +137,4 @@ class RecordParser:
             if nonfinite:
                 parts.append(f"non-finite {nonfinite}")
             return Rejection("; ".join(parts), line, line_no, ts, missing, nonfinite)
-        return Record(values, ts, record_id, line_no)
+        return Record(values, ts, record_id, line_no, line)

@@ -199,12 +199,12 @@ class EdgeRuntime:
         except ScoringError as err:
             log.error("scoring failed for %d records: %s", len(batch), err)
             for r in batch:
-                self._reject(Rejection(f"scoring failed: {err}", _line_of(r), r.line_no, r.ts), self.window)
+                self._reject(Rejection(f"scoring failed: {err}", r.line, r.line_no, r.ts), self.window)
             return
         finite = np.isfinite(scores)
         if not finite.all():
             for r in (r for r, ok in zip(batch, finite) if not ok):
-                self._reject(Rejection("model gave a non-finite score", _line_of(r), r.line_no, r.ts), self.window)
+                self._reject(Rejection("model gave a non-finite score", r.line, r.line_no, r.ts), self.window)
             batch = [r for r, ok in zip(batch, finite) if ok]
             matrix, scores = matrix[finite], scores[finite]
         window = self.window
@@ -263,11 +263,6 @@ class EdgeRuntime:
             self.outbox.put(outlier_key(m.name, m.version, device, window.start, part), body.encode())
         self.stats.windows += 1
         self.sync()
-
-
-def _line_of(record: Record) -> str:
-    """A parsed record re-serialised for the dead-letter file (the raw line is not kept)."""
-    return json.dumps({"ts": record.ts, "features": record.values.astype(float).tolist()})
 
 
 def run_file(config: RuntimeConfig, path: str | Path | None = None, **kwargs) -> RunStats:

@@ -93,12 +93,6 @@ class SeriesAccumulator:
             kll=encode_sketch(self.sketch) if has else None,
         )
 
-    @classmethod
-    def from_summary(cls, summary: NumericSummary) -> SeriesAccumulator:
-        acc = cls(summary.hist_edges)
-        acc.merge(summary)
-        return acc
-
     def merge(self, other: NumericSummary) -> None:
         if list(other.hist_edges) != self.edges.tolist():
             raise ValueError("cannot merge summaries with different histogram edges")

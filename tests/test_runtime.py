@@ -216,3 +216,4 @@ def test_a_failing_model_call_dead_letters_the_batch_and_serving_goes_on(make_co
     letters = read_jsonl(tmp_path / "dead-letter.jsonl")
     assert [d["line_no"] for d in letters] == [5, 6, 7, 8]
     assert all("out of memory" in d["reason"] for d in letters)
+    assert letters[0]["line"] == record_line(rows[4], ts=T0 + 4)  # the record as it arrived
