@@ -20,7 +20,7 @@ from cloud.drift import Thresholds, fleet_drift, format_table, to_json
 from cloud.registry import register
 from cloud.train import train
 from edge_runtime.contracts import RuntimeConfig
-from edge_runtime.runtime import run_file
+from edge_runtime.service import run_file
 from edge_runtime.store import LocalStore
 from model_compile.compile import compile_bundle
 

@@ -12,20 +12,23 @@ from .contracts import ContractError
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="edge.yaml (YAML or JSON); optional when --set gives every required key")
-    parser.add_argument("--input", help="JSON-lines file, or '-' for stdin (overrides source.path)")
+    parser.add_argument("--input", help="JSON-lines (or frames) file, or '-' for stdin: overrides source.kind/path")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set device_id=dev-7 --set window.seconds=60",
     )
     parser.add_argument("--json", action="store_true", help="print the run report as JSON")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of the runtime (default INFO: start, health lines, stop)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     from .bundle import BundleError
     from .contracts import load_runtime_config
-    from .runtime import run_file
     from .scoring import ScoringError
+    from .service import Service
 
+    logging.getLogger("edge_runtime").setLevel(getattr(args, "log_level", "INFO"))
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -35,7 +38,8 @@ def run_command(args: argparse.Namespace) -> int:
         overrides[key] = value
     try:
         config = load_runtime_config(args.config, overrides)
-        stats = run_file(config, args.input)
+        service = Service(config, config_path=args.config, overrides=overrides, input_path=args.input)
+        stats = service.run()
     except (ContractError, BundleError, ScoringError, OSError, ValueError) as err:
         print(f"edgeloop run: error: {err}", file=sys.stderr)
         return 2
@@ -43,11 +47,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(
-            f"provider={stats.provider} lines={stats.lines} scored={stats.scored} "
-            f"rejected={stats.rejected} outliers={stats.outliers} windows={stats.windows} "
-            f"synced={stats.sent} pending={stats.pending}"
-        )
+        print(" ".join(f"{k}={v}" for k, v in report.items()))
     return 0
 
 
@@ -56,5 +56,5 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="score records with a model bundle"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_command(args)

@@ -14,8 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST_SCHEMA_VERSION = 1
-CONFIG_SCHEMA_VERSION = 1
-SUMMARY_SCHEMA_VERSION = 1
+CONFIG_SCHEMA_VERSION = 2
+SUMMARY_SCHEMA_VERSION = 2
+
+MAX_WINDOW_SECONDS = 7 * 86400  # the largest window: a week of one device's data in one summary
 
 
 class ContractError(ValueError):
@@ -65,6 +67,14 @@ class OutlierRule(_Strict):
     calibration_rows: int
 
 
+class ModelVariant(_Strict):
+    """Another build of the same model (e.g. fp16 for GPU providers), gated against the fp32 one."""
+
+    file: str
+    precision: Literal["fp16", "int8"]
+    providers: list[str] = Field(description="execution providers this variant is meant for")
+
+
 class BundleManifest(_Strict):
     schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -79,6 +89,7 @@ class BundleManifest(_Strict):
     onnx_opset: int
     optimization: str = Field(description="the ONNX Runtime offline optimisation applied")
     gpu_capable: bool = Field(description="no operator in the graph is CPU-provider-only")
+    variants: dict[str, ModelVariant] = Field(default_factory=dict)
 
 
 # --- window summary ---------------------------------------------------------------------------
@@ -102,8 +113,28 @@ class NumericSummary(_Strict):
     kll: str | None = Field(default=None, description="base64 of a serialised KLL doubles sketch")
 
 
+class WindowHealth(_Strict):
+    """The device service's health when the window closed (cumulative since the service started)."""
+
+    provider: str
+    uptime_s: float
+    records_in: int
+    scored: int
+    rejected: int
+    outliers: int
+    dropped: int = Field(description="records dropped by the intake queue's drop_oldest policy")
+    queue_depth: int
+    batches: int
+    batch_size_p50: float | None = None
+    score_latency_ms_p50: float | None = None
+    score_latency_ms_p99: float | None = None
+    swaps: int = 0
+
+
 class WindowSummary(_Strict):
-    schema_version: Literal[1] = SUMMARY_SCHEMA_VERSION
+    """Version 1 (the skeleton's) is still read; version 2 adds the reasons and the health header."""
+
+    schema_version: Literal[1, 2] = SUMMARY_SCHEMA_VERSION
     model_name: str
     model_version: str
     device_id: str
@@ -113,6 +144,9 @@ class WindowSummary(_Strict):
     rejected: int = Field(0, description="records dead-lettered")
     late: int = Field(0, description="records older than the window they were counted in")
     outliers: int = 0
+    rejected_by_reason: dict[str, int] = Field(default_factory=dict)
+    dropped: int = Field(0, description="records the intake queue dropped while this window was open")
+    health: WindowHealth | None = None
     features: dict[str, NumericSummary]
     score: NumericSummary
 
@@ -121,19 +155,85 @@ class WindowSummary(_Strict):
 
 
 class SourceConfig(_Strict):
-    path: str = Field("-", description="a JSON-lines file, or '-' for standard input")
+    """Where records come from. ``kind`` defaults to ``stdin`` for path '-', else ``file``."""
+
+    kind: Literal["file", "stdin", "tail", "tcp", "unix"] | None = None
+    path: str = Field("-", description="file, tailed file or Unix socket path; '-' is standard input")
+    host: str = Field("127.0.0.1", description="tcp: the address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="tcp: the port (0 picks a free one)")
+    format: Literal["jsonl", "frames"] = "jsonl"
+    max_message_bytes: int = Field(
+        1 << 20, ge=256, le=64 << 20,
+        description="the largest JSON line or binary frame; longer ones are dead-lettered unread",
+    )
+    from_start: bool = Field(False, description="tail: read what the file already holds first")
+    poll_ms: int = Field(200, gt=0, le=60_000, description="tail: how often to look for new data")
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or ("stdin" if self.path == "-" else "file")
+
+
+class QueueConfig(_Strict):
+    max_records: int = Field(65_536, gt=0, le=10_000_000)
+    when_full: Literal["block", "drop_oldest"] = Field(
+        "block", description="block: the source waits (back-pressure); drop_oldest: drop and count"
+    )
+
+
+class BatchConfig(_Strict):
+    max_records: int = Field(256, gt=0, le=65_536)
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="how long a record may wait for its batch to fill; 0: an idle engine scores at once",
+    )
 
 
 class WindowConfig(_Strict):
-    seconds: int = Field(3600, gt=0)
+    seconds: int = Field(3600, gt=0, le=MAX_WINDOW_SECONDS)
+    lateness_s: float = Field(
+        5.0, ge=0, le=86_400,
+        description="how long after its end (in stream time, advancing with the wall clock) a window waits "
+        "for late records before it ships",
+    )
+    max_future_s: float = Field(
+        86_400, ge=0, description="records stamped further ahead of the device clock are dead-lettered"
+    )
+    max_past_s: float | None = Field(
+        10 * 365 * 86_400, ge=0,
+        description="records stamped further behind the device clock are dead-lettered; null: back to 1970",
+    )
+
+
+class ProviderSpec(_Strict):
+    name: str
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
 class ScoringConfig(_Strict):
-    batch_size: int = Field(256, gt=0)
-    providers: list[str] = Field(
+    providers: list[str | ProviderSpec] = Field(
         default_factory=lambda: ["auto"],
-        description="ONNX Runtime execution providers in order of preference; 'auto' tries "
-        "CUDA then CPU",
+        description="ONNX Runtime execution providers in order of preference, each a name or "
+        "{name, options}; 'auto' is CUDA then CPU",
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, le=256, description="ONNX Runtime intra-op threads (0: its default, one per core)"
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: bind inputs and outputs on GPU providers only"
+    )
+
+
+class HealthConfig(_Strict):
+    port: int | None = Field(None, ge=0, le=65535, description="Prometheus text format on this port; off if null")
+    address: str = "127.0.0.1"
+    log_interval_s: float = Field(60.0, ge=0, description="one health line in the log this often; 0: never")
+
+
+class ServiceConfig(_Strict):
+    grace_s: float = Field(20.0, gt=0, le=600, description="SIGTERM/SIGINT: drain and exit within this")
+    watch_config_s: float = Field(
+        0.0, ge=0, description="re-read the config file this often and hot-swap a changed bundle; 0: SIGHUP only"
     )
 
 
@@ -150,12 +250,18 @@ class StoreConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    schema_version: Literal[1] = CONFIG_SCHEMA_VERSION
+    """Version 2 of the device configuration; a version-1 document is migrated on load."""
+
+    schema_version: Literal[2] = CONFIG_SCHEMA_VERSION
     device_id: str = Field(min_length=1)
     bundle: str
     source: SourceConfig = Field(default_factory=SourceConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     window: WindowConfig = Field(default_factory=WindowConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
@@ -216,11 +322,27 @@ def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | Non
             data = {}
     if not isinstance(data, dict):
         raise ContractError(f"{source}: expected a mapping at the top level")
+    data = migrate_config(data, source)
     for dotted, value in (overrides or {}).items():
         # values stay strings (a thing name like "007" must not become 7) unless they are YAML
         # flow collections; pydantic turns "60" into an int where the schema wants one
         _set_dotted(data, dotted, yaml.safe_load(value) if value.strip()[:1] in "[{" else value)
     return resolve_paths(parse_document(RuntimeConfig, data, source), base)
+
+
+def migrate_config(data: dict, source: str) -> dict:
+    """Version 1 (the skeleton's) had ``scoring.batch_size``; version 2 calls it ``batch.max_records``."""
+    version = data.get("schema_version", CONFIG_SCHEMA_VERSION)
+    if version == 1:
+        data = {**data, "schema_version": CONFIG_SCHEMA_VERSION}
+        scoring = data.get("scoring")
+        if isinstance(scoring, dict) and "batch_size" in scoring:
+            scoring = dict(scoring)
+            data["batch"] = {**(data.get("batch") or {}), "max_records": scoring.pop("batch_size")}
+            data["scoring"] = scoring
+    elif version != CONFIG_SCHEMA_VERSION:
+        raise ContractError(f"{source}: schema_version {version!r} is not one this runtime knows (1 or 2)")
+    return data
 
 
 def resolve_paths(config: RuntimeConfig, base: Path) -> RuntimeConfig:

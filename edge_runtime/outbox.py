@@ -7,6 +7,7 @@ day loses nothing and catches up when the link returns.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from .store import LocalStore, ObjectStore
 
 log = logging.getLogger(__name__)
 
-LAST_KEY_FILE = ".last-window"
+PARTS_FILE = ".window-parts.json"
+RECENT_KEYS = 64
 
 
 @dataclass
@@ -35,18 +37,24 @@ class Outbox:
     def next_part(self, key: str) -> int:
         """0 the first time ``key`` is asked for, then 1, 2, ...: remembered across restarts.
 
-        Only the last key is kept: windows close in order, so only a restart inside the most
-        recent window can collide with what was already written (and perhaps already sent).
+        The most recent keys are kept (a swap back and forth between model versions inside one
+        window must not reuse a part number); windows close in order, so older keys cannot recur.
         """
-        state = self.spool.root / LAST_KEY_FILE
+        state = self.spool.root / PARTS_FILE
         try:
-            last_key, _, part = state.read_text().rpartition(" ")
-            part = int(part) + 1 if last_key == key else 0
+            parts = json.loads(state.read_text())
+            if not isinstance(parts, dict):
+                parts = {}
         except (OSError, ValueError):
-            part = 0
+            parts = {}
+        part = int(parts[key]) + 1 if key in parts else 0
+        parts.pop(key, None)
+        parts[key] = part
+        while len(parts) > RECENT_KEYS:
+            parts.pop(next(iter(parts)))
         self.spool.root.mkdir(parents=True, exist_ok=True)
         tmp = state.with_suffix(".tmp")
-        tmp.write_text(f"{key} {part}")
+        tmp.write_text(json.dumps(parts))
         os.replace(tmp, state)
         return part
 

@@ -1,91 +1,125 @@
-"""The device runtime: records in; events, dead letters and window summaries out.
+"""The engine: payloads in; events, dead letters and window summaries out.
 
-This module wires the stages together and holds no transport code of its own: records arrive as
-an iterable of lines, events go to a sink, summaries go to an outbox that forwards them to
-whatever object store the config names.
+Single-threaded and transport-free: the service (``service.py``) feeds it batches from its
+sources and calls ``tick`` between them; tests and replays can drive it directly with
+``process``. Per batch: decode (columnar), score (one ONNX Runtime call per batch), judge
+(threshold), assign windows (event time), update the window summaries (vectorised), write events.
+A closed window's summary goes to the local outbox; the uploader forwards it on its own thread,
+so nothing here waits on the network.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
-from .bundle import Bundle, load_bundle
-from .contracts import RuntimeConfig, WindowSummary, outlier_key, summary_key
+from .contracts import MAX_WINDOW_SECONDS, RuntimeConfig, outlier_key, summary_key
+from .frames import FrameError, decode_frame
+from .health import Health
+from .model import Model, load_model
 from .outbox import Outbox
-from .records import Record, RecordParser, Rejection
-from .scoring import Scorer, ScoringError
+from .records import MAX_TS, Decoded, Reason, Rejection, TooLong
+from .scoring import ScoringError
 from .sinks import JsonlSink
+from .sources import Payload
 from .store import ObjectStore, open_store
-from .summary import SeriesAccumulator
+from .summary import MatrixAccumulator
+from .uploader import Uploader
+from .windows import StreamClock, Window, fill_missing_ts, segments, window_start
 
 log = logging.getLogger(__name__)
 
-SYNC_BACKOFF_START_S = 5.0
-SYNC_BACKOFF_MAX_S = 300.0
+TS_CEILING = MAX_TS - 2 * MAX_WINDOW_SECONDS  # a window end computed from any accepted ts fits a datetime
+DEAD_LETTER_LINE_MAX = 64 * 1024  # bytes of a rejected line kept in its dead letter
 
 
 @dataclass
 class RunStats:
     provider: str = ""
+    model_version: str = ""
     lines: int = 0
     scored: int = 0
     rejected: int = 0
     outliers: int = 0
+    dropped: int = 0
     windows: int = 0
+    swaps: int = 0
     sent: int = 0
     pending: int = 0
 
 
+class RejectTally:
+    """Rejections not yet counted in a window (none was open): counters only, so bounded."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter = Counter()
+        self.missing: Counter = Counter()
+        self.nonfinite: Counter = Counter()
+        self.since: float | None = None
+
+    def add(self, r: Rejection, now: float) -> None:
+        self.reasons[r.code] += 1
+        self.missing.update(r.missing)
+        self.nonfinite.update(r.nonfinite)
+        if self.since is None:
+            self.since = now
+
+    def __bool__(self) -> bool:
+        return bool(self.reasons)
+
+    def apply(self, window: Window) -> None:
+        for code, n in self.reasons.items():
+            window.rejected += n
+            window.rejected_by_reason[code] += n
+        features = window.features
+        for counts, add in ((self.missing, features.add_missing), (self.nonfinite, features.add_nonfinite)):
+            for name, n in counts.items():
+                if name in window.feature_names:
+                    add(window.feature_names.index(name), n)
+        self.__init__()
+
+
 @dataclass
-class Window:
-    start: datetime
-    end: datetime
-    features: list[SeriesAccumulator]
-    score: SeriesAccumulator
-    records: int = 0
-    rejected: int = 0
-    late: int = 0
-    outliers: int = 0
-    samples: list[dict] = field(default_factory=list)
+class _Origin:
+    """Where a decoded row came from, for its event or dead letter."""
+
+    payload: Payload
+    index: int
 
 
 class EdgeRuntime:
-    """One model on one device. Use as a context manager, feed it lines, let it close."""
+    """One model at a time on one device. Feed it payloads (or lines), tick it, close it."""
 
     def __init__(
         self,
         config: RuntimeConfig,
         store: ObjectStore | None = None,
         clock: Callable[[], float] = time.time,
-        bundle: Bundle | None = None,
+        model: Model | None = None,
+        health: Health | None = None,
     ) -> None:
         self.config = config
-        self.bundle = bundle or load_bundle(config.bundle)
-        self.manifest = self.bundle.manifest
-        self.parser = RecordParser(self.manifest.input)
-        self.scorer = Scorer(str(self.bundle.model_path), self.manifest, config.scoring.providers)
-        self.threshold = self.manifest.outlier.threshold
+        self.model = model or load_model(config.bundle, config.scoring)
+        self.clock = clock
+        self.health = health or Health()
         self.store = store or open_store(config.store.url, config.store.endpoint_url)
         self.outbox = Outbox(config.sinks.outbox)
+        self.uploader = Uploader(self.outbox, self.store)
         self.events = JsonlSink(config.sinks.events)
         self.dead_letter = JsonlSink(config.sinks.dead_letter)
-        self.clock = clock
         self.window: Window | None = None
-        self.pending: list[Record] = []
-        self.stats = RunStats(provider=self.scorer.provider)
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self._last_event_ts: float | None = None
-        self._orphans: list[Rejection] = []
+        self.stream = StreamClock()
+        self.orphans = RejectTally()
+        self._line_no = 0
+        self._dropped_seen = 0
+        self._stats = RunStats()
+        self._note_model()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -95,185 +129,284 @@ class EdgeRuntime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Score what is pending, close the open window and try one last sync."""
+    def close(self, upload_timeout: float = 30.0) -> RunStats:
+        """Ship the open window (as a part if the window goes on after a restart), count any
+        rejections still outside a window, hand everything to the outbox and try one last upload."""
+        if self.orphans:
+            self._open(window_start(self._orphan_ts(), self.config.window.seconds))
         self._close_window()
-        self.sync(force=True)
+        self.uploader.stop(upload_timeout)
         self.events.close()
         self.dead_letter.close()
+        return self.stats
 
-    def sync(self, force: bool = False) -> None:
-        """Forward the outbox; after a failure, wait (doubling, up to 5 min) before the next try,
-        so an unreachable store never stalls scoring at every window close."""
-        now = time.monotonic()
-        if not force and now < self._retry_at:
-            self.stats.pending = len(self.outbox.pending())
-            return
-        result = self.outbox.flush(self.store)
-        self.stats.sent += result.sent
-        self.stats.pending = result.pending
-        if result.failed:
-            self._backoff = min(self._backoff * 2 if self._backoff else SYNC_BACKOFF_START_S, SYNC_BACKOFF_MAX_S)
-            self._retry_at = now + self._backoff
-        else:
-            self._backoff, self._retry_at = 0.0, 0.0
+    @property
+    def stats(self) -> RunStats:
+        """The run's figures: one object, brought up to date at every read and at ``close``."""
+        h, st = self.health, self._stats
+        st.provider, st.model_version = self.model.scorer.provider, self.model.version
+        st.lines, st.scored, st.rejected = h.records_in, h.scored, sum(h.rejected.values())
+        st.outliers, st.dropped, st.windows, st.swaps = h.outliers, h.dropped(), h.windows, h.swaps
+        st.sent, st.pending = self.uploader.sent, self.uploader.pending
+        return st
+
+    def swap(self, model: Model) -> None:
+        """Serve ``model`` from the next batch on. The old version's open window closes as a part,
+        so every summary names the one version that scored its records."""
+        old = self.model
+        self._close_window()
+        self.model = model
+        self.health.swaps += 1
+        self._note_model()
+        self._event({"kind": "model_swapped", "from": old.version, "to": model.version,
+                     "bundle": str(model.bundle.root)})
+        self.events.flush()
+        log.info("model swapped: %s -> %s", old.describe(), model.describe())
+
+    def _note_model(self) -> None:
+        self.health.provider = self.model.scorer.provider
+        self.health.model_name, self.health.model_version = self.model.name, self.model.version
 
     # -- the data path --------------------------------------------------------------------------
 
-    def process(self, lines: Iterable[str]) -> RunStats:
+    def process(self, lines: Iterable[str | bytes]) -> RunStats:
+        """Feed lines in batches of ``batch.max_records`` (for replays and tests)."""
+        size = self.config.batch.max_records
+        chunk: list[bytes] = []
         for line in lines:
-            self.stats.lines += 1
-            if line.strip():
-                self.feed(line, self.stats.lines)
-        self._score_pending()
+            chunk.append(line.encode() if isinstance(line, str) else line)
+            if len(chunk) >= size:
+                self._feed_chunk(chunk)
+                chunk = []
+        if chunk:
+            self._feed_chunk(chunk)
         return self.stats
 
-    def feed(self, line: str, line_no: int) -> None:
-        item = self.parser.parse(line, line_no)
-        if isinstance(item, Rejection):
-            # a rejected record's timestamp is not trusted: it never opens or closes a window
-            self._reject(item, self.window)
-            return
-        if item.ts is not None:
-            self._last_event_ts = item.ts
-        # without a ts: the stream's own time if it has one (a replay must not jump to "now")
-        ts = item.ts if item.ts is not None else self._last_event_ts
-        self._window_for(ts if ts is not None else self.clock())
-        self.pending.append(item)
-        if len(self.pending) >= self.config.scoring.batch_size:
-            self._score_pending()
+    def _feed_chunk(self, chunk: list[bytes]) -> None:
+        payload = Payload("jsonl", [line.rstrip(b"\r\n") for line in chunk], "lines", self._line_no + 1)
+        self._line_no += len(chunk)
+        self.handle([payload])
 
-    def _window_for(self, ts: float) -> Window:
-        seconds = self.config.window.seconds
-        start_ts = math.floor(ts / seconds) * seconds
+    def ts_range(self) -> tuple[float, float]:
+        now, w = self.clock(), self.config.window
+        lo = 0.0 if w.max_past_s is None else max(now - w.max_past_s, 0.0)
+        return lo, min(now + w.max_future_s, TS_CEILING)
+
+    def handle(self, payloads: list[Payload]) -> None:
+        """Decode, score, judge, window and summarise one batch of payloads."""
+        model, now = self.model, time.monotonic()
+        decoded, origins = self._decode(payloads, model)
+        values = np.concatenate([d.values for d in decoded]) if decoded else np.empty((0, 0), np.float32)
+        ts = np.concatenate([d.ts for d in decoded]) if decoded else np.empty(0)
+        ids = [i for d in decoded for i in d.ids]
+        rejections = [pair for d, (p, _) in zip(decoded, origins) for pair in self._origin_of(d, p)]
+        rows = [o for _, row_origins in origins for o in row_origins]
+        if len(values):
+            scores, failed = self._score(values, rows, model)
+            if failed is not None:
+                rejections += failed[1]
+                keep = failed[0]
+                values, ts, scores = values[keep], ts[keep], scores[keep]
+                ids = [x for x, k in zip(ids, keep) if k]
+                rows = [x for x, k in zip(rows, keep) if k]
+        else:
+            scores = np.empty(0)
+        self._dead_letter(rejections)
+        ts = fill_missing_ts(ts, self.stream.last_ts if self.stream.last_ts is not None else self.clock())
         if self.window is not None:
-            current = self.window.start.timestamp()
-            if start_ts > current:
+            self._count_rejections(rejections, self.window)
+            rejections = []
+        for seg in segments(ts, self.window.start if self.window else None, self.config.window.seconds):
+            if self.window is None or seg.start != self.window.start:
                 self._close_window()
-            elif start_ts < current:
-                self.window.late += 1
-                return self.window
+                self._open(seg.start)
+            if rejections:
+                self._count_rejections(rejections, self.window)
+                rejections = []
+            self._account(self.window, seg.lo, seg.hi, seg.late, values, ts, scores, ids, rows, model)
+        for r, _ in rejections:  # no window open and none opened by this batch
+            self.orphans.add(r, now)
+        self.stream.observe(ts, now)
+        self.events.flush()
+        self.dead_letter.flush()
+        done = time.monotonic()
+        for p in payloads:
+            self.health.arrival_ms.append((done - p.arrived) * 1000.0)
+            if p.ack is not None:
+                p.ack()
+
+    def tick(self) -> None:
+        """Between batches: ship the open window once the stream's clock has passed its end plus
+        the lateness allowance; give rejections that found no window one of their own."""
+        now = time.monotonic()
+        w = self.config.window
+        if self.window is not None:
+            mark = self.stream.watermark(now)
+            if mark is not None and mark >= self.window.end + w.lateness_s:
+                self._close_window()
+        elif self.orphans and now - self.orphans.since >= w.lateness_s + 1.0:
+            self._open(window_start(self._orphan_ts(), w.seconds))
+            self.stream.observe(np.array([self._orphan_ts()]), now)
+
+    def _orphan_ts(self) -> float:
+        return self.stream.event_ts if self.stream.event_ts is not None else self.clock()
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _decode(self, payloads: list[Payload], model: Model) -> tuple[list[Decoded], list]:
+        ts_range = self.ts_range()
+        decoded, origins = [], []
+        for p in payloads:
+            if p.kind == "jsonl":
+                d = model.decoder.decode(p.items, ts_range)
+            elif p.kind == "frame":
+                try:
+                    d = decode_frame(p.items[0], model.feature_names, ts_range)
+                except FrameError as err:
+                    d = Decoded.empty(len(model.feature_names), [Rejection(Reason.BAD_FRAME, str(err), 0)])
             else:
-                return self.window
-        start = datetime.fromtimestamp(start_ts, tz=timezone.utc)
-        baseline = self.bundle.baseline
+                d = Decoded.empty(len(model.feature_names), [Rejection(Reason.BAD_FRAME, p.note, 0)])
+            self.health.records_in += len(d.index) + len(d.rejections)
+            decoded.append(d)
+            origins.append((p, [_Origin(p, int(i)) for i in d.index]))
+        return decoded, origins
+
+    @staticmethod
+    def _origin_of(d: Decoded, p: Payload) -> list[tuple[Rejection, _Origin]]:
+        return [(r, _Origin(p, r.index)) for r in d.rejections]
+
+    def _score(self, values: np.ndarray, rows: list[_Origin], model: Model):
+        """Scores for every row; rows that could not be scored come back as rejections."""
+        size = max(self.config.batch.max_records, 1)
+        scores = np.empty(len(values))
+        ok = np.ones(len(values), dtype=bool)
+        failed: list[tuple[Rejection, _Origin]] = []
+        for lo in range(0, len(values), size):
+            part = values[lo:lo + size]
+            try:
+                scores[lo:lo + len(part)] = model.scorer.score(part)
+            except ScoringError as err:
+                log.error("scoring failed for %d records: %s", len(part), err)
+                ok[lo:lo + len(part)] = False
+                failed += [(Rejection(Reason.SCORING, f"scoring failed: {err}", rows[i].index), rows[i])
+                           for i in range(lo, lo + len(part))]
+                continue
+            self.health.batch(len(part), model.scorer.last_seconds)
+        bad = ok & ~np.isfinite(scores)
+        for i in np.flatnonzero(bad):
+            failed.append((Rejection(Reason.BAD_SCORE, "model gave a non-finite score", rows[i].index), rows[i]))
+        ok &= ~bad
+        return scores, ((ok, failed) if failed else None)
+
+    def _account(self, window: Window, lo: int, hi: int, late: int, values, ts, scores, ids, rows, model) -> None:
+        n = hi - lo
+        if n <= 0:
+            return
+        window.features.update(values[lo:hi])
+        window.score.update(scores[lo:hi, None])
+        window.records += n
+        window.late += late
+        self.health.scored += n
+        flagged = np.flatnonzero(scores[lo:hi] > model.threshold) + lo
+        if len(flagged):
+            window.outliers += len(flagged)
+            self.health.outliers += len(flagged)
+            self._outlier_events(window, flagged, values, ts, scores, ids, rows, model)
+
+    def _outlier_events(self, window, flagged, values, ts, scores, ids, rows, model) -> None:
+        names = model.feature_names
+        cap = self.config.sinks.max_outlier_samples
+        for i in flagged:
+            origin = rows[i]
+            event = {
+                "kind": "outlier",
+                "device_id": self.config.device_id,
+                "model": model.name,
+                "version": model.version,
+                "ts": float(ts[i]),
+                "id": None if ids[i] is None else str(ids[i]),
+                "source": origin.payload.source,
+                **self._position(origin),
+                "score": float(scores[i]),
+                "threshold": model.threshold,
+                "features": dict(zip(names, values[i].tolist())),
+            }
+            line = self._event(event)
+            if len(window.samples) < cap:
+                window.samples.append(line)
+
+    @staticmethod
+    def _position(origin: _Origin) -> dict:
+        p = origin.payload
+        if p.kind == "frame":
+            return {"frame_no": p.first_no, "row": origin.index}
+        return {"line_no": p.first_no + origin.index}
+
+    def _event(self, event: dict) -> bytes:
+        line = orjson.dumps(event, option=orjson.OPT_SERIALIZE_NUMPY)
+        self.events.write_raw(line)
+        return line
+
+    def _dead_letter(self, rejections: list[tuple[Rejection, _Origin]]) -> None:
+        for r, origin in rejections:
+            p = origin.payload
+            item = p.items[origin.index] if p.kind == "jsonl" and origin.index < len(p.items) else None
+            if isinstance(item, TooLong):
+                line, size = item.head, item.size
+            elif item is not None:
+                line, size = item, len(item)
+            else:
+                line, size = (p.items[0] if p.kind == "error" else b""), None
+            entry = {"code": r.code, "reason": r.reason, "source": p.source, **self._position(origin),
+                     "line": line[:DEAD_LETTER_LINE_MAX].decode("utf-8", "replace")}
+            if size is not None and size > DEAD_LETTER_LINE_MAX or isinstance(item, TooLong):
+                entry["truncated_from"] = size
+            self.dead_letter.write_raw(orjson.dumps(entry))
+            self.health.rejected[r.code] += 1
+
+    def _count_rejections(self, rejections: list[tuple[Rejection, _Origin]], window: Window) -> None:
+        names = window.feature_names
+        for r, _ in rejections:
+            window.rejected += 1
+            window.rejected_by_reason[r.code] += 1
+            for name in r.missing:
+                window.features.add_missing(names.index(name))
+            for name in r.nonfinite:
+                window.features.add_nonfinite(names.index(name))
+
+    # -- windows --------------------------------------------------------------------------------
+
+    def _open(self, start: float) -> Window:
+        m = self.model
         self.window = Window(
-            start=start,
-            end=start + timedelta(seconds=seconds),
-            features=[
-                SeriesAccumulator(baseline.features[name].hist_edges)
-                for name in self.manifest.input.feature_names
-            ],
-            score=SeriesAccumulator(baseline.score.hist_edges),
+            start=start, end=start + self.config.window.seconds, model_name=m.name, model_version=m.version,
+            feature_names=m.feature_names, features=MatrixAccumulator(m.feature_edges),
+            score=MatrixAccumulator([m.score_edges]),
         )
-        for rejection in self._orphans:  # rejected before any window was open
-            self._count_rejection(rejection, self.window)
-        self._orphans.clear()
+        if self.orphans:
+            self.orphans.apply(self.window)
+        self._dropped_seen = self._note_drops(self.window)
         return self.window
 
-    def _reject(self, rejection: Rejection, window: Window | None) -> None:
-        self.stats.rejected += 1
-        self.dead_letter.write(
-            {"reason": rejection.reason, "line_no": rejection.line_no, "line": rejection.line.rstrip("\n")}
-        )
-        if window is None:
-            self._orphans.append(Rejection(rejection.reason, "", 0, None, rejection.missing, rejection.nonfinite))
-            return
-        self._count_rejection(rejection, window)
-
-    def _count_rejection(self, rejection: Rejection, window: Window) -> None:
-        window.rejected += 1
-        names = self.manifest.input.feature_names
-        for name in rejection.missing:
-            window.features[names.index(name)].add_missing()
-        for name in rejection.nonfinite:
-            window.features[names.index(name)].add_nonfinite()
-
-    def _score_pending(self) -> None:
-        if not self.pending or self.window is None:
-            return
-        batch, self.pending = self.pending, []
-        matrix = np.stack([r.values for r in batch])
-        try:
-            scores = self.scorer.score(matrix)
-        except ScoringError as err:
-            log.error("scoring failed for %d records: %s", len(batch), err)
-            for r in batch:
-                self._reject(Rejection(f"scoring failed: {err}", r.line, r.line_no, r.ts), self.window)
-            return
-        finite = np.isfinite(scores)
-        if not finite.all():
-            for r in (r for r, ok in zip(batch, finite) if not ok):
-                self._reject(Rejection("model gave a non-finite score", r.line, r.line_no, r.ts), self.window)
-            batch = [r for r, ok in zip(batch, finite) if ok]
-            matrix, scores = matrix[finite], scores[finite]
-        window = self.window
-        for j, acc in enumerate(window.features):
-            acc.update(matrix[:, j])
-        window.score.update(scores)
-        window.records += len(batch)
-        self.stats.scored += len(batch)
-        for i in np.flatnonzero(scores > self.threshold):
-            self._emit_outlier(batch[i], float(scores[i]), window)
-
-    def _emit_outlier(self, record: Record, score: float, window: Window) -> None:
-        window.outliers += 1
-        self.stats.outliers += 1
-        names = self.manifest.input.feature_names
-        event = {
-            "device_id": self.config.device_id,
-            "model": self.manifest.name,
-            "version": self.manifest.version,
-            "ts": record.ts,
-            "id": record.record_id,
-            "line_no": record.line_no,
-            "score": score,
-            "threshold": self.threshold,
-            "features": dict(zip(names, record.values.astype(float).tolist())),
-        }
-        self.events.write(event)
-        if len(window.samples) < self.config.sinks.max_outlier_samples:
-            window.samples.append(event)
+    def _note_drops(self, window: Window) -> int:
+        dropped = self.health.dropped()
+        window.dropped += dropped - self._dropped_seen
+        return dropped
 
     def _close_window(self) -> None:
-        self._score_pending()
         window, self.window = self.window, None
         if window is None:
             return
-        m = self.manifest
-        summary = WindowSummary(
-            model_name=m.name,
-            model_version=m.version,
-            device_id=self.config.device_id,
-            window_start=window.start,
-            window_end=window.end,
-            records=window.records,
-            rejected=window.rejected,
-            late=window.late,
-            outliers=window.outliers,
-            features={n: acc.summary() for n, acc in zip(m.input.feature_names, window.features)},
-            score=window.score.summary(),
-        )
+        self._dropped_seen = self._note_drops(window)
+        summary = window.summary(self.config.device_id, self.health.window_header())
         device = self.config.device_id
-        # a restart inside a window writes a second part rather than overwrite the first
-        part = self.outbox.next_part(summary_key(m.name, m.version, device, window.start))
-        self.outbox.put(summary_key(m.name, m.version, device, window.start, part), summary.model_dump_json().encode())
+        name, version = window.model_name, window.model_version
+        # a restart (or a swap back) inside a window writes a further part rather than overwrite one
+        part = self.outbox.next_part(summary_key(name, version, device, summary.window_start))
+        self.outbox.put(summary_key(name, version, device, summary.window_start, part),
+                        summary.model_dump_json().encode())
         if window.samples:
-            body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in window.samples)
-            self.outbox.put(outlier_key(m.name, m.version, device, window.start, part), body.encode())
-        self.stats.windows += 1
-        self.sync()
-
-
-def run_file(config: RuntimeConfig, path: str | Path | None = None, **kwargs) -> RunStats:
-    """Run the runtime over a JSON-lines file (or stdin for '-') to its end."""
-    import sys
-
-    source = str(path if path is not None else config.source.path)
-    with EdgeRuntime(config, **kwargs) as runtime:
-        if source == "-":
-            runtime.process(sys.stdin)
-        else:
-            with open(source, encoding="utf-8", errors="replace") as fh:
-                runtime.process(fh)
-    return runtime.stats
+            self.outbox.put(outlier_key(name, version, device, summary.window_start, part),
+                            b"\n".join(window.samples) + b"\n")
+        self.health.windows += 1
+        self.uploader.notify()

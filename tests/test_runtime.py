@@ -102,7 +102,7 @@ def test_store_and_forward_loses_nothing_while_offline(make_config, tmp_path):
     outbox = LocalStore(tmp_path / "outbox")
     pending = [k for k in outbox.list() if k.startswith("summaries/")]
     assert len(pending) == 4 and not list(store.list())
-    assert store.attempts == 2  # the first window close, then the forced flush at shutdown; backoff between
+    assert store.attempts == 1  # no uploader thread was started: only the last attempt at close
 
     store.online = True
     with EdgeRuntime(make_config(), store=store) as rt:  # the next start (or window) flushes
@@ -200,8 +200,8 @@ def test_rejections_before_the_first_window_are_counted_in_it(make_config, tmp_p
 
 def test_a_failing_model_call_dead_letters_the_batch_and_serving_goes_on(make_config, tmp_path, monkeypatch):
     rows = normal_rows(10)
-    rt = EdgeRuntime(make_config(scoring={"batch_size": 4}))
-    real_run, calls = rt.scorer.session.run, []
+    rt = EdgeRuntime(make_config(batch={"max_records": 4}))
+    real_run, calls = rt.model.scorer.session.run, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -209,7 +209,7 @@ def test_a_failing_model_call_dead_letters_the_batch_and_serving_goes_on(make_co
             raise RuntimeError("CUDA error: out of memory")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(rt.scorer.session, "run", flaky, raising=False)
+    monkeypatch.setattr(rt.model.scorer.session, "run", flaky, raising=False)
     with rt:
         stats = rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(rows))
     assert (stats.scored, stats.rejected) == (6, 4)

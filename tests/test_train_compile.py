@@ -15,7 +15,7 @@ from model_compile.compile import CompileError, compile_bundle, parity
 
 def test_threshold_holds_its_false_positive_rate_on_fresh_data(bundle_dir):
     bundle = load_bundle(bundle_dir)
-    scorer = Scorer(str(bundle.model_path), bundle.manifest, ["CPUExecutionProvider"])
+    scorer = Scorer(str(bundle.root), bundle.manifest, ["CPUExecutionProvider"])
     fresh = synthetic.device_stream("fresh", 8000, seed=99, anomaly_rate=0.0).X
     fpr = float((scorer.score(fresh) > bundle.manifest.outlier.threshold).mean())
     assert 0.002 <= fpr <= 0.03  # target 1%: device bias and sampling noise allowed

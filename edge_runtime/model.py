@@ -1,0 +1,79 @@
+"""A servable model: a verified bundle, its ONNX Runtime session and its decoder, as one unit.
+
+The service swaps whole ``Model`` objects between two batches, so a record is always decoded,
+scored, judged and summarised by one model version. ``load_model`` does every check before a
+model may serve: checksums, input schema against the baseline, and a warm-up run that must give
+one finite score per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, load_bundle
+from .contracts import ScoringConfig
+from .records import RecordDecoder
+from .scoring import Scorer, ScoringError
+
+
+class ModelError(BundleError):
+    """A bundle that must not serve: corrupt, inconsistent, or failing its warm-up."""
+
+
+@dataclass
+class Model:
+    bundle: Bundle
+    scorer: Scorer
+    decoder: RecordDecoder
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.manifest.outlier.threshold
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.bundle.manifest.input.feature_names
+
+    @property
+    def feature_edges(self) -> list[list[float]]:
+        return [self.bundle.baseline.features[n].hist_edges for n in self.feature_names]
+
+    @property
+    def score_edges(self) -> list[float]:
+        return self.bundle.baseline.score.hist_edges
+
+    def describe(self) -> str:
+        return f"{self.name} {self.version} ({self.bundle.root})"
+
+
+def warm_up_rows(bundle: Bundle, n: int = 8) -> np.ndarray:
+    """Plausible rows for a warm-up run: the baseline's means (zeros where it has none)."""
+    means = [bundle.baseline.features[name].mean or 0.0 for name in bundle.manifest.input.feature_names]
+    return np.tile(np.asarray(means, dtype=np.float32), (n, 1))
+
+
+def load_model(path: str | Path, scoring: ScoringConfig, bundle: Bundle | None = None) -> Model:
+    """Load, verify and warm up a bundle; raise ModelError (or BundleError) with a one-line reason."""
+    bundle = bundle or load_bundle(path)
+    scorer = Scorer(str(bundle.root), bundle.manifest, scoring.providers, scoring.intra_op_threads,
+                    scoring.io_binding)
+    rows = warm_up_rows(bundle)
+    try:
+        scores = scorer.score(rows)
+        scorer.score(rows[:1])
+    except ScoringError as err:
+        raise ModelError(f"{bundle.root}: warm-up failed: {err}") from None
+    if not np.isfinite(scores).all():
+        raise ModelError(f"{bundle.root}: warm-up gave non-finite scores on the baseline's mean row")
+    return Model(bundle, scorer, RecordDecoder(bundle.manifest.input))

@@ -1,0 +1,235 @@
+"""The device service: a source, the intake queue, the engine, the uploader and health, run
+until stopped.
+
+Threads: the source reads and cuts messages; the engine thread (the caller of ``run``) takes
+batches from the queue and scores them; the uploader forwards the outbox; a model loader checks a
+new bundle in the background; the metrics endpoint answers scrapes. Signals: SIGTERM and SIGINT
+drain (stop reading, score what is queued, ship the open window as a part, one last upload,
+exit within ``service.grace_s``; a second signal exits at once); SIGHUP re-reads the config file
+and hot-swaps a changed bundle. A finite source (a file, stdin) ends the run at its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .batcher import IntakeQueue
+from .bundle import BundleError, load_bundle
+from .contracts import ContractError, RuntimeConfig, load_runtime_config
+from .health import Health, serve_metrics
+from .model import Model, load_model
+from .runtime import EdgeRuntime, RunStats
+from .scoring import ScoringError
+from .sources import Source, open_source
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1  # the longest the engine waits for input before it looks at clocks and reloads
+
+
+class Service:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        config_path: str | Path | None = None,
+        overrides: dict[str, str] | None = None,
+        input_path: str | None = None,
+        store: ObjectStore | None = None,
+        clock: Callable[[], float] = time.time,
+        source: Source | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.queue = IntakeQueue(config.queue.max_records, config.queue.when_full)
+        self.health = Health(queue_depth=lambda: self.queue.depth, dropped=lambda: self.queue.dropped)
+        model = load_model(config.bundle, config.scoring)
+        self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
+        self.source = source or open_source(config.source, config.batch.max_records, input_path)
+        self.stopping = threading.Event()  # sources stop reading
+        self._stop_at: float | None = None
+        self._reload = threading.Event()
+        self._loading: threading.Thread | None = None
+        self._ready: Model | None = None
+        self._bundle_files = model.bundle.manifest.files
+        self._bundle_path = str(config.bundle)
+        self._config_mtime = self._mtime()
+        self._source_done = threading.Event()
+        self.metrics_port: int | None = None
+        self._metrics = None
+        self.started = threading.Event()
+
+    # -- control, from any thread or a signal handler --------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+            self.stopping.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def request_swap(self, bundle_path: str) -> None:
+        """Check ``bundle_path`` in the background and serve it from the batch after it passes."""
+        self._start_loading(bundle_path)
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> RunStats:
+        restore = self._install_signals()
+        try:
+            return self._run()
+        finally:
+            restore()
+
+    def _run(self) -> RunStats:
+        cfg = self.config
+        rt = self.runtime
+        rt.uploader.start()
+        if cfg.health.port is not None:
+            self._metrics, self.metrics_port = serve_metrics(self.health, cfg.health.address, cfg.health.port)
+            log.info("metrics on http://%s:%d/metrics", cfg.health.address, self.metrics_port)
+        reader = threading.Thread(target=self._read, name="edgeloop-source", daemon=True)
+        reader.start()
+        log.info("serving %s from %s (%s)", self.runtime.model.describe(), self.source.name,
+                 self.runtime.model.scorer.provider)
+        self.started.set()
+        max_wait = cfg.batch.max_wait_ms / 1000.0
+        last_log = time.monotonic()
+        while True:
+            batch = self.queue.take(cfg.batch.max_records, max_wait, TICK_S)
+            if batch is None:
+                break
+            if batch:
+                rt.handle(batch)
+            rt.tick()
+            if self._ready is not None:
+                model, self._ready = self._ready, None
+                rt.swap(model)
+            if self._reload.is_set() or self._config_changed():
+                self._reload.clear()
+                self._on_reload()
+            if self.stopping.is_set() or self._source_done.is_set():
+                # drain: no new input, but score everything already queued
+                reader.join(timeout=max(self._grace_left() / 2, 0.1))
+                self.queue.close()
+            if cfg.health.log_interval_s and time.monotonic() - last_log >= cfg.health.log_interval_s:
+                last_log = time.monotonic()
+                log.info(self.health.log_line())
+        stats = rt.close(upload_timeout=max(self._grace_left(), 1.0))
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+        log.info("stopped: %s", self.health.log_line())
+        return stats
+
+    def _grace_left(self) -> float:
+        if self._stop_at is None:
+            return self.config.service.grace_s
+        return self.config.service.grace_s - (time.monotonic() - self._stop_at)
+
+    def _read(self) -> None:
+        try:
+            self.source.run(self.queue.put, self.stopping)
+        except Exception:
+            log.exception("source %s failed; draining", self.source.name)
+        finally:
+            self._source_done.set()
+
+    # -- hot swap ---------------------------------------------------------------------------------
+
+    def _mtime(self) -> float | None:
+        try:
+            return Path(self.config_path).stat().st_mtime if self.config_path else None
+        except OSError:
+            return None
+
+    def _config_changed(self) -> bool:
+        if not self.config.service.watch_config_s or not self.config_path:
+            return False
+        mtime = self._mtime()
+        if mtime != self._config_mtime:
+            self._config_mtime = mtime
+            return True
+        return False
+
+    def _on_reload(self) -> None:
+        if self.config_path is None:
+            path = self._bundle_path
+        else:
+            try:
+                new = load_runtime_config(self.config_path, self.overrides)
+            except ContractError as err:
+                log.error("reload refused: %s; still serving %s", err, self.runtime.model.describe())
+                return
+            changed = [k for k in ("source", "queue", "batch", "window", "scoring", "health", "sinks", "store")
+                       if getattr(new, k) != getattr(self.config, k)]
+            if changed:
+                log.warning("reload: changes to %s take effect at the next restart", ", ".join(changed))
+            path = new.bundle
+        self._start_loading(path)
+
+    def _start_loading(self, path: str) -> None:
+        if self._loading is not None and self._loading.is_alive():
+            log.warning("a model is already being loaded; %s waits for the next reload", path)
+            return
+        self._loading = threading.Thread(target=self._load, args=(str(path),), name="edgeloop-loader", daemon=True)
+        self._loading.start()
+
+    def _load(self, path: str) -> None:
+        try:
+            bundle = load_bundle(path)
+            if path == self._bundle_path and bundle.manifest.files == self._bundle_files:
+                log.info("reload: bundle %s unchanged", path)
+                return
+            model = load_model(path, self.config.scoring, bundle=bundle)
+            current = self.runtime.model.bundle.manifest.input.feature_names
+            if model.feature_names != current:
+                log.warning("new model %s takes features %s (was %s)", model.version, model.feature_names, current)
+        except (BundleError, ContractError, ScoringError, OSError) as err:
+            self.health.swaps_refused += 1
+            log.error("model refused, still serving %s: %s", self.runtime.model.describe(), err)
+            self.runtime.events.write({"kind": "model_refused", "bundle": path, "reason": str(err),
+                                       "serving": self.runtime.model.version})
+            return
+        self._bundle_path, self._bundle_files = path, bundle.manifest.files
+        self._ready = model
+
+    # -- signals ------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def stop(signum, _frame):
+            if self._stop_at is not None:
+                log.error("second %s: exiting now, without draining", signal.Signals(signum).name)
+                raise SystemExit(1)
+            log.info("%s: draining (grace %.0fs)", signal.Signals(signum).name, self.config.service.grace_s)
+            self.request_stop()
+
+        saved = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        saved[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+        def restore() -> None:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+
+        return restore
+
+
+def run_service(config: RuntimeConfig, input_path: str | None = None, **kwargs) -> RunStats:
+    return Service(config, input_path=input_path, **kwargs).run()
+
+
+def run_file(config: RuntimeConfig, path: str | Path | None = None, **kwargs) -> RunStats:
+    """Run the service over a file (or '-' for stdin) to its end."""
+    return run_service(config, input_path=None if path is None else str(path), **kwargs)
