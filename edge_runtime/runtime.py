@@ -93,6 +93,21 @@ class _Origin:
     index: int
 
 
+@dataclass
+class _Rows:
+    """Where each decoded row of a batch came from, as arrays: no Python object per row."""
+
+    payloads: list[Payload]
+    src: np.ndarray  # index into payloads
+    item: np.ndarray  # index within that payload
+
+    def __getitem__(self, i: int) -> _Origin:
+        return _Origin(self.payloads[self.src[i]], int(self.item[i]))
+
+    def keep(self, mask: np.ndarray) -> _Rows:
+        return _Rows(self.payloads, self.src[mask], self.item[mask])
+
+
 class EdgeRuntime:
     """One model at a time on one device. Feed it payloads (or lines), tick it, close it."""
 
@@ -199,8 +214,9 @@ class EdgeRuntime:
         values = np.concatenate([d.values for d in decoded]) if decoded else np.empty((0, 0), np.float32)
         ts = np.concatenate([d.ts for d in decoded]) if decoded else np.empty(0)
         ids = [i for d in decoded for i in d.ids]
-        rejections = [pair for d, (p, _) in zip(decoded, origins) for pair in self._origin_of(d, p)]
-        rows = [o for _, row_origins in origins for o in row_origins]
+        rejections = [(r, _Origin(p, r.index)) for d, p in zip(decoded, payloads) for r in d.rejections]
+        rows = _Rows(payloads, np.concatenate(origins) if origins else np.empty(0, np.int64),
+                     np.concatenate([d.index for d in decoded]) if decoded else np.empty(0, np.int64))
         if len(values):
             scores, failed = self._score(values, rows, model)
             if failed is not None:
@@ -208,7 +224,7 @@ class EdgeRuntime:
                 keep = failed[0]
                 values, ts, scores = values[keep], ts[keep], scores[keep]
                 ids = [x for x, k in zip(ids, keep) if k]
-                rows = [x for x, k in zip(rows, keep) if k]
+                rows = rows.keep(keep)
         else:
             scores = np.empty(0)
         self._dead_letter(rejections)
@@ -268,14 +284,10 @@ class EdgeRuntime:
                 d = Decoded.empty(len(model.feature_names), [Rejection(Reason.BAD_FRAME, p.note, 0)])
             self.health.records_in += len(d.index) + len(d.rejections)
             decoded.append(d)
-            origins.append((p, [_Origin(p, int(i)) for i in d.index]))
+            origins.append(np.full(len(d.index), len(origins), dtype=np.int64))
         return decoded, origins
 
-    @staticmethod
-    def _origin_of(d: Decoded, p: Payload) -> list[tuple[Rejection, _Origin]]:
-        return [(r, _Origin(p, r.index)) for r in d.rejections]
-
-    def _score(self, values: np.ndarray, rows: list[_Origin], model: Model):
+    def _score(self, values: np.ndarray, rows: _Rows, model: Model):
         """Scores for every row; rows that could not be scored come back as rejections."""
         size = max(self.config.batch.max_records, 1)
         scores = np.empty(len(values))

@@ -169,30 +169,34 @@ class MatrixAccumulator:
         self.nonfinite[column] += n
 
     def _fold(self) -> None:
+        """Fold the buffered rows in: one sort per column pays for everything else. Sorted, a
+        column's min and max are its ends, its histogram is a handful of binary searches for the
+        bin edges, and the KLL sketch takes sorted input about twice as fast as unsorted (its
+        guarantees hold for any input order)."""
         if not self._buffer:
             return
-        m = np.concatenate(self._buffer).astype(np.float64, copy=False)
+        cols = np.concatenate(self._buffer).T.copy()  # (f, n), each row contiguous
         self._buffer, self._buffered = [], 0
-        n, f = m.shape
-        mean = m.mean(axis=0)
-        m2 = ((m - mean) ** 2).sum(axis=0)
+        cols.sort(axis=1)  # in the input's precision (float32 from the decoder): half the bytes to move
+        cols = cols.astype(np.float64, copy=False)
+        n = cols.shape[1]
+        mean = cols.mean(axis=1)
+        m2 = ((cols - mean[:, None]) ** 2).sum(axis=1)
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + m2 + delta * delta * self.count * n / total
         self.count = total
-        np.minimum(self.min, m.min(axis=0), out=self.min)
-        np.maximum(self.max, m.max(axis=0), out=self.max)
-        # bin = number of edges <= value, as np.searchsorted(side="right") gives per column
-        width = self.edges.shape[1] + 1
-        if width <= 33:  # one broadcast compare beats f searchsorted calls for decile-sized bins
-            bins = (m[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
-        else:
-            bins = np.stack([np.searchsorted(self.edges[j], m[:, j], side="right") for j in range(f)], axis=1)
-        bins += np.arange(f) * width
-        self.hist += np.bincount(bins.ravel(), minlength=f * width).reshape(f, width)
-        for j, sketch in enumerate(self.sketches):
-            sketch.update(np.ascontiguousarray(m[:, j]))
+        np.minimum(self.min, cols[:, 0], out=self.min)
+        np.maximum(self.max, cols[:, -1], out=self.max)
+        for j, (sketch, k) in enumerate(zip(self.sketches, self.n_edges)):
+            col = cols[j]
+            sketch.update(col)
+            # values below edge i: bins are [edge[i-1], edge[i]), as np.searchsorted(side="right") puts them
+            bounds = np.empty(k + 2, dtype=np.int64)
+            bounds[0], bounds[-1] = 0, n
+            bounds[1:-1] = np.searchsorted(col, self.edges[j, :k], side="left")
+            self.hist[j, : k + 1] += bounds[1:] - bounds[:-1]
 
     def summaries(self) -> list[NumericSummary]:
         self._fold()

@@ -50,3 +50,33 @@ def test_missing_and_nonfinite_are_counted_not_summarised():
 def test_edges_must_agree_to_merge():
     with pytest.raises(ValueError, match="edges"):
         merge_summaries([summarise(np.ones(3), EDGES), summarise(np.ones(3), [0.0])])
+
+
+def test_matrix_accumulator_matches_the_per_series_one_column_by_column():
+    from edge_runtime.summary import FOLD_ROWS, MatrixAccumulator
+
+    rng = np.random.default_rng(5)
+    edges = [EDGES, [0.5], [-2.0, -1.0, 0.0, 1.0, 2.0, 2.5], list(np.linspace(-3, 3, 40))]  # ragged; > 32 bins
+    m = rng.normal(0, 1.5, (3 * FOLD_ROWS + 123, 4)).astype(np.float32)
+    m[7, :] = [0.0, 0.5, 2.5, 0.0]  # values exactly on edges go to the bin above
+    acc = MatrixAccumulator(edges)
+    for lo in range(0, len(m), 1000):  # uneven batches across fold boundaries
+        acc.update(m[lo:lo + 1000])
+    acc.add_missing(1, 3)
+    acc.add_nonfinite(2)
+    got = acc.summaries()
+    for j, e in enumerate(edges):
+        series = SeriesAccumulator(e)
+        series.update(m[:, j])
+        want = series.summary()
+        assert got[j].count == want.count == len(m)
+        assert got[j].hist_edges == want.hist_edges and got[j].hist_counts == want.hist_counts
+        assert (got[j].min, got[j].max) == (want.min, want.max)
+        assert got[j].mean == pytest.approx(want.mean, rel=1e-9)
+        assert got[j].variance == pytest.approx(want.variance, rel=1e-9)
+        sketch = decode_sketch(got[j].kll)
+        assert sketch.n == len(m)
+        for q in (0.1, 0.5, 0.9):  # within the sketch's rank error of the exact quantile
+            rank = float(np.mean(m[:, j].astype(np.float64) <= sketch.get_quantile(q)))
+            assert abs(rank - q) <= 2 * sketch.normalized_rank_error(False)
+    assert (got[1].missing, got[2].nonfinite, got[0].missing) == (3, 1, 0)
