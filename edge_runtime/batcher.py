@@ -33,6 +33,8 @@ class IntakeQueue:
     def put(self, payload: Payload) -> bool:
         """Queue a payload; False (and nothing queued) once the queue is closed."""
         with self._cond:
+            if self.closed:
+                return False
             if self.when_full == "block":
                 # a payload larger than the whole queue still goes in, alone
                 while not self.closed and self.depth and self.depth + payload.n > self.max_records:

@@ -239,21 +239,28 @@ class TailSource:
         self.config = config
         self.chunk = chunk
         self.poll = config.poll_ms / 1000.0
+        # where reading starts is fixed now, at start-up, not whenever the thread gets to it
+        self._fh = self._open(at_end=not config.from_start)
+
+    def _open(self, at_end: bool):
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return None
+        if at_end:
+            fh.seek(0, os.SEEK_END)
+        return fh
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
-        fh, first = None, True
+        fh, self._fh = self._fh, None
         cutter = StreamCutter(self.name, self.config, self.chunk)
         try:
             while not stop.is_set():
                 if fh is None:
-                    try:
-                        fh = open(self.path, "rb")
-                    except FileNotFoundError:
+                    fh = self._open(at_end=False)  # created or replaced after start: all of it is new
+                    if fh is None:
                         stop.wait(self.poll)
                         continue
-                    if first and not self.config.from_start:
-                        fh.seek(0, os.SEEK_END)
-                    first = False
                 data = fh.read(READ_SIZE)
                 if data:
                     if not _emit_all(emit, cutter.feed(data)):
@@ -319,13 +326,31 @@ class SocketSource:
                     elif not self._read(sel, key.fileobj, key.data, emit):
                         return
         finally:
+            self._drain(sel, emit)
             for key in list(sel.get_map().values()):
-                if key.data is not None:
-                    _emit_all(emit, key.data.end())
                 key.fileobj.close()
             sel.close()
             if self.config.resolved_kind == "unix":
                 Path(self.config.path).unlink(missing_ok=True)
+
+    def _drain(self, sel: selectors.BaseSelector, emit: Emit, budget_s: float = 2.0) -> None:
+        """At stop: what clients already sent is in this host's buffers, so read it (bounded in
+        time: a client that never stops sending cannot hold the drain open) and end each stream."""
+        deadline = time.monotonic() + budget_s
+        for key in list(sel.get_map().values()):
+            conn, cutter = key.fileobj, key.data
+            if cutter is None:
+                continue
+            while time.monotonic() < deadline and not cutter.broken:
+                try:
+                    data = conn.recv(READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data or not _emit_all(emit, cutter.feed(data)):
+                    break
+            _emit_all(emit, cutter.end())
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         try:

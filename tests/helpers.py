@@ -25,3 +25,20 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def normal_rows(n: int, seed: int = 0) -> np.ndarray:
     return synthetic.device_stream("x", n, seed=seed, anomaly_rate=0.0).X
+
+
+def bundle_copy(src: Path, dst: Path, version: str, **manifest_changes) -> Path:
+    """A valid copy of a bundle under another version (and other manifest fields, e.g. a threshold)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = version
+    for dotted, value in manifest_changes.items():
+        node = manifest
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst

@@ -1,0 +1,454 @@
+"""The device service as it runs on a device: live sources, batching, windows on the wall clock,
+drain on SIGTERM, hot swap, health."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO, bundle_copy, normal_rows, read_jsonl, record_line
+
+from cloud import synthetic
+from edge_runtime.batcher import IntakeQueue
+from edge_runtime.contracts import load_summary
+from edge_runtime.frames import encode_frame
+from edge_runtime.service import Service
+from edge_runtime.sources import Payload
+from edge_runtime.store import LocalStore
+
+T0 = synthetic.START_TS
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+@contextmanager
+def serving(config, **kwargs):
+    """A Service on a thread (no signal handlers there); stopped and joined on exit."""
+    service = Service(config, **kwargs)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
+    thread.start()
+    assert service.started.wait(15), "service did not start"
+    try:
+        yield service, out
+    finally:
+        service.request_stop()
+        thread.join(30)
+        assert not thread.is_alive(), "service did not stop within 30 s"
+
+
+def tcp_config(make_config, **overrides):
+    return make_config(**{"source": {"kind": "tcp", "port": 0}, "health": {"log_interval_s": 0}, **overrides})
+
+
+def send(service, lines: list[str] | bytes) -> None:
+    data = lines if isinstance(lines, bytes) else "".join(line + "\n" for line in lines).encode()
+    with socket.create_connection(tuple(service.source.address)) as conn:
+        conn.sendall(data)
+
+
+def summaries(tmp_path) -> dict:
+    store = LocalStore(tmp_path / "store")
+    return {k: load_summary(store.get(k), k) for k in store.list("summaries/")}
+
+
+# -- the intake queue and the batching policy ------------------------------------------------------
+
+def payload(n: int, tag: str = "x") -> Payload:
+    return Payload("jsonl", [b"{}"] * n, tag, 1)
+
+
+def test_a_full_batch_goes_at_once_and_a_partial_one_waits_at_most_max_wait():
+    q = IntakeQueue(100)
+    for _ in range(8):
+        q.put(payload(1))
+    t = time.monotonic()
+    assert sum(p.n for p in q.take(8, max_wait=5.0, timeout=1)) == 8
+    assert time.monotonic() - t < 2.0  # did not wait for max_wait: the batch was full
+
+    for _ in range(3):
+        q.put(payload(1))
+    t = time.monotonic()
+    assert sum(p.n for p in q.take(8, max_wait=0.3, timeout=1)) == 3
+    assert time.monotonic() - t >= 0.25  # waited for more, up to max_wait
+
+
+def test_an_idle_engine_takes_a_lone_record_at_once_and_a_late_one_joins_a_waiting_batch():
+    q = IntakeQueue(100)
+    q.put(payload(1))
+    t = time.monotonic()
+    assert len(q.take(256, max_wait=0.0, timeout=1)) == 1
+    assert time.monotonic() - t < 1.0
+
+    q.put(payload(1))
+    threading.Timer(0.1, lambda: q.put(payload(2))).start()
+    batch = q.take(256, max_wait=1.0, timeout=1)  # the second arrives while the first waits
+    assert [p.n for p in batch][:2] == [1, 2]
+    assert q.take(256, 0, timeout=0.05) == []
+
+
+def test_full_queue_blocks_the_source_or_drops_the_oldest_and_counts():
+    q = IntakeQueue(4, "block")
+    assert q.put(payload(3))
+    done = threading.Event()
+    threading.Thread(target=lambda: (q.put(payload(2)), done.set()), daemon=True).start()
+    assert not done.wait(0.3)  # back-pressure: the source waits
+    q.take(10, 0, timeout=1)
+    assert done.wait(2)
+    assert q.dropped == 0
+
+    q = IntakeQueue(4, "drop_oldest")
+    acked = []
+    for tag in "abc":
+        p = payload(2, tag)
+        p.ack = lambda tag=tag: acked.append(tag)
+        q.put(p)
+    assert q.dropped == 2 and acked == ["a"]
+    assert [p.source for p in q.take(10, 0, timeout=1)] == ["b", "c"]
+    q.close()
+    assert not q.put(payload(1)) and q.take(10, 0, timeout=0.1) is None
+
+
+# -- the service --------------------------------------------------------------------------------------
+
+def test_sigterm_drains_a_socket_source_and_every_record_is_counted_once(bundle_dir, tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d1\nbundle: {bundle_dir}\nsource: {{kind: tcp, port: 0}}\n"
+                   "health: {log_interval_s: 0}\nservice: {grace_s: 10}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(wait_for(lambda: _listening_port(proc.pid), timeout=20))
+        rows = normal_rows(3000, seed=4)
+        rows[::500, 5] += 2000  # six clear outliers
+        now = int(time.time())
+        lines = [record_line(r, ts=now - 3000 + i, rid=f"r{i}") for i, r in enumerate(rows)]
+        lines[100] = "{broken"
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall("".join(line + "\n" for line in lines).encode())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert (report["scored"], report["rejected"]) == (2999, 1)
+    got = summaries(tmp_path)
+    assert sum(s.records for s in got.values()) == 2999 and sum(s.rejected for s in got.values()) == 1
+    events = read_jsonl(tmp_path / "events.jsonl")
+    ids = [e["id"] for e in events if e["kind"] == "outlier"]
+    assert len(ids) == len(set(ids)) == sum(s.outliers for s in got.values())
+    assert {f"r{i}" for i in range(0, 3000, 500)} <= set(ids)
+    assert "draining" in err
+
+
+def _listening_port(pid: int) -> int | None:
+    """The TCP port a process listens on, from /proc (the test picks port 0: the kernel chooses)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+            return int(parts[1].split(":")[1], 16)
+    return None
+
+
+def test_a_quiet_device_ships_its_window_on_the_wall_clock(make_config, tmp_path):
+    config = tcp_config(make_config, window={"seconds": 2, "lateness_s": 0.2})
+    with serving(config) as (svc, _):
+        send(svc, [record_line(normal_rows(1)[0], ts=time.time())])
+        # no further record arrives: the window must still ship, while the service runs on
+        got = wait_for(lambda: summaries(tmp_path), timeout=8)
+        (s,) = got.values()
+        assert s.records == 1 and (s.window_end - s.window_start).total_seconds() == 2
+        assert s.schema_version == 2 and s.health.scored == 1 and s.health.provider == "CPUExecutionProvider"
+        assert svc.runtime.window is None
+
+
+def test_a_lone_record_is_scored_at_once_not_when_input_ends(make_config, tmp_path):
+    row = normal_rows(1)[0].copy()
+    row[5] += 2000
+    with serving(tcp_config(make_config)) as (svc, _):
+        with socket.create_connection(tuple(svc.source.address)) as conn:
+            conn.sendall((record_line(row, ts=time.time(), rid="lone") + "\n").encode())
+            # the connection stays open: the event must not wait for more input
+            events = wait_for(lambda: [e for e in read_jsonl(tmp_path / "events.jsonl") if e.get("id") == "lone"]
+                              if (tmp_path / "events.jsonl").exists() else None, timeout=5)
+            assert events[0]["kind"] == "outlier" and events[0]["version"] == "1.0.0"
+
+
+def test_swap_under_load_loses_and_doubles_nothing(make_config, bundle_dir, tmp_path):
+    v2 = bundle_copy(bundle_dir, tmp_path / "v2", "1.1.0")
+    v1 = bundle_copy(bundle_dir, tmp_path / "v1b", "1.0.1")
+    rows = normal_rows(6000, seed=9)
+    rows[::300, 5] += 2000
+    now = int(time.time())
+    lines = [record_line(r, ts=now - 6000 + i, rid=f"r{i}") for i, r in enumerate(rows)]
+    with serving(tcp_config(make_config, batch={"max_records": 64})) as (svc, out):
+        sender = threading.Thread(target=lambda: _paced(svc, lines, per_chunk=200, pause=0.02), daemon=True)
+        sender.start()
+        for i, bundle in enumerate([v2, v1, v2, v1]):
+            svc.request_swap(str(bundle))
+            wait_for(lambda i=i: svc.health.swaps == i + 1, timeout=10)
+        sender.join(30)
+    stats = out["stats"]
+    assert stats.scored == 6000 and stats.swaps == 4 and stats.rejected == 0
+    got = summaries(tmp_path)
+    assert sum(s.records for s in got.values()) == 6000
+    assert {s.model_version for s in got.values()} >= {"1.0.0", "1.1.0", "1.0.1"}
+    events = read_jsonl(tmp_path / "events.jsonl")
+    outliers = [e for e in events if e["kind"] == "outlier"]
+    assert len({e["id"] for e in outliers}) == len(outliers) == sum(s.outliers for s in got.values())
+    for version in {s.model_version for s in got.values()}:  # each event counted by the version that scored it
+        assert sum(e["version"] == version for e in outliers) == sum(
+            s.outliers for s in got.values() if s.model_version == version)
+    assert [e["to"] for e in events if e["kind"] == "model_swapped"] == ["1.1.0", "1.0.1", "1.1.0", "1.0.1"]
+
+
+def _paced(svc, lines, per_chunk, pause):
+    with socket.create_connection(tuple(svc.source.address)) as conn:
+        for lo in range(0, len(lines), per_chunk):
+            conn.sendall("".join(line + "\n" for line in lines[lo:lo + per_chunk]).encode())
+            time.sleep(pause)
+
+
+def test_a_bad_bundle_is_refused_and_the_old_model_keeps_serving(make_config, bundle_dir, tmp_path, caplog):
+    broken = bundle_copy(bundle_dir, tmp_path / "broken", "2.0.0")
+    (broken / "model.onnx").write_bytes(b"not a model")
+    with caplog.at_level(logging.ERROR), serving(tcp_config(make_config)) as (svc, out):
+        svc.request_swap(str(broken))
+        wait_for(lambda: svc.health.swaps_refused == 1)
+        send(svc, [record_line(r, ts=time.time()) for r in normal_rows(10)])
+        wait_for(lambda: svc.health.scored == 10)
+    assert out["stats"].model_version == "1.0.0" and out["stats"].swaps == 0
+    refused = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["kind"] == "model_refused"]
+    assert len(refused) == 1 and "checksum mismatch for model.onnx" in refused[0]["reason"]
+    assert any("model refused" in r.message for r in caplog.records)
+
+
+def test_sighup_reloads_the_config_and_swaps_to_its_bundle(bundle_dir, tmp_path):
+    v2 = bundle_copy(bundle_dir, tmp_path / "v2", "1.1.0")
+    cfg = tmp_path / "edge.yaml"
+    base = "device_id: d1\nsource: {kind: tcp, port: 0}\nhealth: {log_interval_s: 0}\n"
+    cfg.write_text(base + f"bundle: {bundle_dir}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _listening_port(proc.pid), timeout=20)
+        cfg.write_text(base + f"bundle: {v2}\n")
+        proc.send_signal(signal.SIGHUP)
+        events = tmp_path / "events.jsonl"
+        wait_for(lambda: events.exists() and any(e["kind"] == "model_swapped" for e in read_jsonl(events)))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["model_version"] == "1.1.0"
+
+
+def test_health_endpoint_serves_prometheus_text(make_config, tmp_path):
+    config = tcp_config(make_config, health={"port": 0, "log_interval_s": 0})
+    with serving(config) as (svc, _):
+        send(svc, [record_line(r, ts=time.time()) for r in normal_rows(20)] + ["{bad", "[1]"])
+        wait_for(lambda: svc.health.records_in == 22)
+        with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    assert "edgeloop_records_scored_total 20.0" in text
+    assert 'edgeloop_records_rejected_total{reason="malformed_json"} 1.0' in text
+    assert 'edgeloop_records_rejected_total{reason="not_object"} 1.0' in text
+    assert 'edgeloop_model_info{name="sensor-outliers",provider="CPUExecutionProvider",version="1.0.0"} 1.0' in text
+    assert "edgeloop_queue_depth 0.0" in text and "edgeloop_batch_size_count" in text
+    assert 'edgeloop_score_latency_ms_quantile{quantile="0.99"}' in text
+
+
+def test_unix_socket_with_binary_frames_and_a_bad_frame_costs_only_its_connection(make_config, tmp_path):
+    path = tmp_path / "in.sock"
+    config = make_config(source={"kind": "unix", "path": str(path), "format": "frames"},
+                         health={"log_interval_s": 0})
+    rows = normal_rows(300)
+    ts = np.full(300, time.time())
+    with serving(config) as (svc, _):
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.connect(str(path))
+            bad.sendall(b"GARBAGE-NOT-A-FRAME" * 3)
+        with socket.socket(socket.AF_UNIX) as good:
+            good.connect(str(path))
+            good.sendall(encode_frame(rows[:100], ts[:100]) + encode_frame(rows[100:], None))
+        wait_for(lambda: svc.health.scored == 300 and svc.health.rejected["bad_frame"] == 1)
+    letters = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert letters[0]["code"] == "bad_frame" and "not an edgeloop frame" in letters[0]["reason"]
+    assert not path.exists()  # the socket file is removed at stop
+
+
+def test_tail_source_follows_a_growing_and_rotated_file(make_config, tmp_path):
+    log_file = tmp_path / "sensor.log"
+    log_file.write_text(record_line(normal_rows(1)[0], ts=time.time()) + "\n")  # before start: skipped
+    config = make_config(source={"kind": "tail", "path": str(log_file), "poll_ms": 20},
+                         health={"log_interval_s": 0})
+    rows = normal_rows(30)
+    with serving(config) as (svc, _):
+        with open(log_file, "a") as fh:
+            fh.writelines(record_line(r, ts=time.time()) + "\n" for r in rows[:10])
+        wait_for(lambda: svc.health.scored == 10)
+        log_file.rename(tmp_path / "sensor.log.1")
+        log_file.write_text("".join(record_line(r, ts=time.time()) + "\n" for r in rows[10:]))
+        wait_for(lambda: svc.health.scored == 30)
+
+
+def test_a_stream_of_only_rejects_still_ships_a_window(make_config, tmp_path):
+    config = tcp_config(make_config, window={"seconds": 2, "lateness_s": 0.1})
+    with serving(config) as (svc, _):
+        send(svc, ["{bad"] * 50 + ['{"ts": "year 3000"}'])
+        (s,) = wait_for(lambda: summaries(tmp_path), timeout=8).values()  # shipped while still running
+    assert (s.records, s.rejected) == (0, 51)
+    assert s.rejected_by_reason == {"malformed_json": 50, "missing": 1}
+
+
+def test_a_far_future_record_is_dead_lettered_and_never_moves_the_window(make_config, tmp_path):
+    now = time.time()
+    rows = normal_rows(3)
+    lines = [record_line(rows[0], ts=now), record_line(rows[1], ts=32503680000),  # year 3000
+             record_line(rows[2], ts=now + 1)]
+    with serving(tcp_config(make_config)) as (svc, _):
+        send(svc, lines)
+        wait_for(lambda: svc.health.records_in == 3)
+    (s,) = summaries(tmp_path).values()
+    assert (s.records, s.rejected, s.late) == (2, 1, 0)
+    assert s.rejected_by_reason == {"timestamp_out_of_range": 1}
+
+
+def test_drop_oldest_counts_drops_in_the_window_summary(make_config, tmp_path):
+    from edge_runtime.service import Service
+
+    config = make_config(queue={"max_records": 10, "when_full": "drop_oldest"}, health={"log_interval_s": 0})
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("".join(record_line(r, ts=T0 + i) + "\n" for i, r in enumerate(normal_rows(100))))
+    svc = Service(config, input_path=str(lines))
+    # nobody takes from the queue until the source has pushed everything: the oldest must go
+    for p in svc.source.cutter.feed(lines.read_bytes()):
+        for one in (Payload("jsonl", [item], p.source, p.first_no + k) for k, item in enumerate(p.items)):
+            svc.queue.put(one)
+    assert svc.queue.dropped == 90
+    svc.queue.close()
+    stats = svc.run()
+    assert (stats.scored, stats.dropped) == (10, 90)
+    (s,) = summaries(tmp_path).values()
+    assert s.dropped == 90 and s.records == 10 and s.health.dropped == 90
+
+
+def test_invalid_utf8_and_absurd_lines_on_stdin_under_a_strict_locale(bundle_dir, tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d1\nbundle: {bundle_dir}\nsource: {{max_message_bytes: 8192}}\n")
+    rows = normal_rows(7)
+    good = [record_line(r, ts=T0 + i).encode() for i, r in enumerate(rows)]
+    bad = [b"\xff\xfe\xfd", b"[" * 100_000, b'{"ts": ' + b"9" * 5000 + b"}", b"x" * 100_000,
+           record_line(rows[0], ts="9999-12-31T23:59:59Z").encode(), record_line(rows[0], ts=253402300799000).encode()]
+    data = b"\n".join(x for pair in zip(good, bad) for x in pair) + b"\n" + good[-1]  # no final newline
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--json"],
+                          input=data, capture_output=True, cwd=REPO, env={**env, "LC_ALL": "C"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["scored"], report["rejected"]) == (7, 6)
+    codes = [d["code"] for d in read_jsonl(tmp_path / "dead-letter.jsonl")]
+    assert codes == ["malformed_json", "too_long", "malformed_json", "too_long"] + ["timestamp_out_of_range"] * 2
+
+
+def test_provider_fallback_warns_once_naming_the_provider(bundle_dir, caplog):
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.contracts import ProviderSpec
+    from edge_runtime.scoring import Scorer
+
+    bundle = load_bundle(bundle_dir)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.scoring"):
+        scorer = Scorer(str(bundle_dir), bundle.manifest,
+                        [ProviderSpec(name="TensorrtExecutionProvider", options={"trt_engine_cache_enable": True}),
+                         "CUDAExecutionProvider"])
+    assert scorer.provider == "CPUExecutionProvider" and scorer.session.get_providers() == ["CPUExecutionProvider"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert "TensorrtExecutionProvider requested but not started" in warned[0] and "not in this" in warned[0]
+    assert "CUDAExecutionProvider requested but not started" in warned[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.scoring"):
+        Scorer(str(bundle_dir), bundle.manifest, ["auto"])  # CPU build, auto: nothing to warn about
+    assert not caplog.records
+
+
+def test_io_binding_path_gives_the_same_scores(bundle_dir):
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.scoring import Scorer
+
+    bundle = load_bundle(bundle_dir)
+    plain = Scorer(str(bundle_dir), bundle.manifest, ["CPUExecutionProvider"], io_binding="off")
+    bound = Scorer(str(bundle_dir), bundle.manifest, ["CPUExecutionProvider"], io_binding="on")
+    rows = normal_rows(300).astype(np.float32)
+    for lo, hi in [(0, 64), (64, 128), (128, 131), (0, 64)]:  # a size seen before reuses its buffers
+        batch = rows[lo:hi].copy()
+        assert np.array_equal(plain.score(batch), bound.score(batch))
+        assert np.array_equal(batch, rows[lo:hi])  # the caller's array is never written to
+    assert sorted(bound._bindings) == [3, 64]
+
+
+def test_variant_choice_follows_the_active_provider(bundle_dir):
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.contracts import ModelVariant
+    from edge_runtime.scoring import choose_model_file
+
+    manifest = load_bundle(bundle_dir).manifest.model_copy(deep=True)
+    manifest.variants = {"fp16": ModelVariant(file="model.fp16.onnx", precision="fp16",
+                                              providers=["CUDAExecutionProvider", "TensorrtExecutionProvider"])}
+    assert choose_model_file(manifest, "CUDAExecutionProvider") == "model.fp16.onnx"
+    assert choose_model_file(manifest, "CPUExecutionProvider") == "model.onnx"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("window: {seconds: 1000000000000}", "key 'window.seconds'"),
+    ("queue: {when_full: maybe}", "key 'queue.when_full'"),
+    ("source: {kind: carrier-pigeon}", "key 'source.kind'"),
+    ("schema_version: 7", "schema_version 7"),
+])
+def test_broken_service_configs_get_one_line_errors(bundle_dir, tmp_path, text, message):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d\nbundle: {bundle_dir}\n{text}\n")
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert message in line
+
+
+def test_a_version_1_config_is_migrated(tmp_path):
+    from edge_runtime.contracts import load_runtime_config
+
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("schema_version: 1\ndevice_id: d\nbundle: b\nscoring: {batch_size: 32, providers: [auto]}\n")
+    config = load_runtime_config(cfg)
+    assert config.schema_version == 2 and config.batch.max_records == 32
