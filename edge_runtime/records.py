@@ -24,6 +24,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import chain
 
 import numpy as np
 import orjson
@@ -141,6 +142,28 @@ class RecordDecoder:
 
     def decode(self, lines: Sequence[bytes | TooLong], ts_range: tuple[float, float]) -> Decoded:
         """Validate a payload's lines; timestamps outside ``ts_range`` (seconds) are rejected."""
+        fast = self._decode_uniform(lines)
+        if fast is not None:
+            return self._finish(*fast, [], ts_range)
+        return self._decode_each(lines, ts_range)
+
+    def _decode_uniform(self, lines: Sequence[bytes | TooLong]):
+        """The common case in one pass per step, no per-record branches: every line a flat JSON
+        object with every feature a number. None if any line is otherwise (then line by line)."""
+        try:
+            objs = [orjson.loads(raw) for raw in lines]
+            rows = [self._get(obj) for obj in objs]
+            if "features" not in self.name_set and any("features" in obj for obj in objs):
+                return None  # the nested forms: "features" wins over top-level keys, as line by line
+            if not set(map(type, chain.from_iterable(rows))) <= _NUMERIC:
+                return None
+            raw_ts = [obj.get("ts") for obj in objs]
+            ids = [obj.get("id") for obj in objs]
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            return None
+        return rows, raw_ts, ids, list(range(len(lines)))
+
+    def _decode_each(self, lines: Sequence[bytes | TooLong], ts_range: tuple[float, float]) -> Decoded:
         loads, get, n = orjson.loads, self._get, self.n
         rows: list = []
         raw_ts: list = []
@@ -175,12 +198,20 @@ class RecordDecoder:
             raw_ts.append(obj.get("ts"))
             ids.append(obj.get("id"))
             index.append(i)
+        return self._finish(rows, raw_ts, ids, index, rejections, ts_range)
+
+    def _finish(self, rows: list, raw_ts: list, ids: list, index: list[int], rejections: list[Rejection],
+                ts_range: tuple[float, float]) -> Decoded:
+        """Rows that passed the per-record checks -> the batch, less bad timestamps and values."""
         if not rows:
-            return Decoded.empty(n, rejections)
-        values = np.array(rows, dtype=np.float64)
+            return Decoded.empty(self.n, rejections)
+        # float32 straight from the Python numbers: a value beyond float32's range becomes inf here
+        # and is caught with NaN and inf below
+        with np.errstate(over="ignore"):
+            values = np.fromiter(chain.from_iterable(rows), dtype=np.float32, count=len(rows) * self.n)
+        values = values.reshape(len(rows), self.n)
         ts, ts_bad = self._timestamps(raw_ts, ts_range)
-        value_bad = ~(np.abs(values) <= FLOAT32_MAX).all(axis=1)  # NaN compares False, so it is caught
-        bad = ts_bad | value_bad
+        bad = ts_bad | ~np.isfinite(values).all(axis=1)
         if bad.any():
             for j in np.flatnonzero(bad):
                 rejections.append(self._row_rejection(values[j], raw_ts[j], ts_range, index[j]))
@@ -189,7 +220,7 @@ class RecordDecoder:
             index = [x for x, k in zip(index, keep) if k]
             ids = [x for x, k in zip(ids, keep) if k]
             rejections.sort(key=lambda r: r.index)
-        return Decoded(values.astype(np.float32), ts, np.asarray(index, dtype=np.int64), ids, rejections)
+        return Decoded(values, ts, np.asarray(index, dtype=np.int64), ids, rejections)
 
     # -- the slow, explaining path ----------------------------------------------------------------
 
@@ -251,6 +282,15 @@ class RecordDecoder:
         return obj, values
 
     def _timestamps(self, raw_ts: list, ts_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        try:  # every record has a numeric ts: no loop (an integer past float range goes the slow way)
+            ts = np.array(raw_ts, dtype=np.float64) if set(map(type, raw_ts)) <= _NUMERIC else None
+        except OverflowError:
+            ts = None
+        if ts is not None:
+            with np.errstate(invalid="ignore", over="ignore"):
+                ts[ts >= MS_FROM] /= 1000.0
+                lo, hi = ts_range
+                return ts, ~((ts >= lo) & (ts <= hi))
         ts = np.full(len(raw_ts), np.nan)
         bad = np.zeros(len(raw_ts), dtype=bool)
         parsed = np.zeros(len(raw_ts), dtype=bool)  # already in seconds: no milliseconds rule
@@ -285,7 +325,7 @@ class RecordDecoder:
                     "(window.max_past_s / window.max_future_s around the device clock)",
                     i,
                 )
-        nonfinite = tuple(name for name, v in zip(self.names, row) if not abs(v) <= FLOAT32_MAX)
+        nonfinite = tuple(name for name, v in zip(self.names, row.tolist()) if not abs(v) <= FLOAT32_MAX)
         return Rejection(Reason.NON_FINITE, f"non-finite {list(nonfinite)}", i, (), nonfinite)
 
 

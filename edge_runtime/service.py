@@ -60,6 +60,7 @@ class Service:
         self._bundle_files = model.bundle.manifest.files
         self._bundle_path = str(config.bundle)
         self._config_mtime = self._mtime()
+        self._config_checked = time.monotonic()
         self._source_done = threading.Event()
         self.metrics_port: int | None = None
         self._metrics = None
@@ -153,8 +154,10 @@ class Service:
             return None
 
     def _config_changed(self) -> bool:
-        if not self.config.service.watch_config_s or not self.config_path:
+        every = self.config.service.watch_config_s
+        if not every or not self.config_path or time.monotonic() - self._config_checked < every:
             return False
+        self._config_checked = time.monotonic()
         mtime = self._mtime()
         if mtime != self._config_mtime:
             self._config_mtime = mtime

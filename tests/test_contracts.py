@@ -69,3 +69,19 @@ def test_cli_reports_missing_key_and_exits_nonzero(tmp_path):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"edgeloop run: error: {cfg}: missing key 'device_id'"]
+
+
+def test_version_1_summaries_are_still_read_and_version_2_carries_health():
+    import json
+
+    from edge_runtime.contracts import SUMMARY_SCHEMA_VERSION, load_summary
+
+    empty = {"count": 0, "missing": 0, "nonfinite": 0, "hist_edges": [], "hist_counts": [0]}
+    v1 = {"schema_version": 1, "model_name": "m", "model_version": "1.0.0", "device_id": "d",
+          "window_start": "2026-11-01T00:00:00Z", "window_end": "2026-11-01T01:00:00Z",
+          "records": 3, "rejected": 1, "late": 0, "outliers": 0, "features": {"a": empty}, "score": empty}
+    old = load_summary(json.dumps(v1), "v1.json")
+    assert old.schema_version == 1 and old.health is None and old.rejected_by_reason == {}
+    assert SUMMARY_SCHEMA_VERSION == 2
+    with pytest.raises(ContractError, match="schema_version"):
+        load_summary(json.dumps({**v1, "schema_version": 3}), "v3.json")

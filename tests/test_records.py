@@ -104,3 +104,10 @@ def test_single_feature_models_decode_too():
     schema = InputSchema(name="X", shape=[None, 1], features=[FeatureSpec(name="value")])
     d = decode({"value": 3}, {"features": [4.5]}, {"value": "x"}, schema=schema)
     assert d.values.ravel().tolist() == [3.0, 4.5] and d.rejections[0].code == Reason.NON_NUMERIC
+
+
+def test_a_nested_features_object_wins_over_top_level_keys_in_every_path():
+    both = {**GOOD, "features": {f: 100.0 + i for i, f in enumerate(FEATURES)}}
+    alone = decode(both)
+    mixed = decode(both, "{bad")  # the line-by-line path
+    assert alone.values.tolist() == mixed.values.tolist() == [[100.0 + i for i in range(6)]]

@@ -452,3 +452,22 @@ def test_a_version_1_config_is_migrated(tmp_path):
     cfg.write_text("schema_version: 1\ndevice_id: d\nbundle: b\nscoring: {batch_size: 32, providers: [auto]}\n")
     config = load_runtime_config(cfg)
     assert config.schema_version == 2 and config.batch.max_records == 32
+
+
+def test_a_watched_config_file_swaps_without_a_signal(bundle_dir, make_config, tmp_path):
+    from edge_runtime.contracts import load_runtime_config
+
+    v2 = bundle_copy(bundle_dir, tmp_path / "v2", "1.1.0")
+    cfg = tmp_path / "edge.yaml"
+    base = "device_id: d1\nsource: {kind: tcp, port: 0}\nhealth: {log_interval_s: 0}\nservice: {watch_config_s: 0.2}\n"
+    cfg.write_text(base + f"bundle: {bundle_dir}\n")
+    with serving(load_runtime_config(cfg), config_path=cfg) as (svc, out):
+        time.sleep(0.05)
+        cfg.write_text(base + f"bundle: {v2}\n")
+        os.utime(cfg, (time.time() + 5, time.time() + 5))  # a new mtime even on coarse clocks
+        wait_for(lambda: svc.health.swaps == 1)
+        send(svc, [record_line(r, ts=time.time()) for r in normal_rows(5)])
+        wait_for(lambda: svc.health.scored == 5)
+    assert out["stats"].model_version == "1.1.0"
+    (s,) = summaries(tmp_path).values()
+    assert s.model_version == "1.1.0" and s.records == 5
