@@ -63,12 +63,13 @@ def warm_up_rows(bundle: Bundle, n: int = 8) -> np.ndarray:
     return np.tile(np.asarray(means, dtype=np.float32), (n, 1))
 
 
-def load_model(path: str | Path, scoring: ScoringConfig, bundle: Bundle | None = None) -> Model:
+def load_model(path: str | Path, scoring: ScoringConfig, bundle: Bundle | None = None,
+               max_batch: int = 256) -> Model:
     """Load, verify and warm up a bundle; raise ModelError (or BundleError) with a one-line reason."""
     bundle = bundle or load_bundle(path)
     scorer = Scorer(str(bundle.root), bundle.manifest, scoring.providers, scoring.intra_op_threads,
-                    scoring.io_binding)
-    rows = warm_up_rows(bundle)
+                    scoring.io_binding, max_batch)
+    rows = warm_up_rows(bundle, min(8, max_batch))
     try:
         scores = scorer.score(rows)
         scorer.score(rows[:1])

@@ -120,7 +120,7 @@ class EdgeRuntime:
         health: Health | None = None,
     ) -> None:
         self.config = config
-        self.model = model or load_model(config.bundle, config.scoring)
+        self.model = model or load_model(config.bundle, config.scoring, max_batch=config.batch.max_records)
         self.clock = clock
         self.health = health or Health()
         self.store = store or open_store(config.store.url, config.store.endpoint_url)

@@ -125,7 +125,7 @@ class Scorer:
     """Turns an (n, f) float32 matrix into n outlier scores, higher meaning more unusual."""
 
     def __init__(self, bundle_root: str, manifest: BundleManifest, providers: list,
-                 intra_op_threads: int = 1, io_binding: str = "auto") -> None:
+                 intra_op_threads: int = 1, io_binding: str = "auto", max_batch: int = 256) -> None:
         import onnxruntime as ort
 
         self.ort = ort
@@ -159,6 +159,12 @@ class Scorer:
         self.bind = io_binding == "on" or (io_binding == "auto" and on_gpu)
         self.device = "cuda" if on_gpu else "cpu"
         self._bindings: dict[int, _Binding] = {}
+        # a CUDA graph replays one captured shape: every batch is padded to max_batch rows
+        active = next((r for r in wanted if r.name == self.provider), None)
+        graph = active is not None and str(active.options.get("enable_cuda_graph", "0")).lower() in ("1", "true")
+        self.pad_to = max_batch if graph else None
+        if self.pad_to:
+            self.bind = True
         self.last_seconds = 0.0
         log.info("scoring %s with %s", variant, self.provider)
 
@@ -183,6 +189,9 @@ class Scorer:
         if matrix.ndim != 2 or matrix.shape[1] != self.n_features:
             raise ScoringError(f"expected a (n, {self.n_features}) matrix, got {matrix.shape}")
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        rows = len(matrix)
+        if self.pad_to and rows < self.pad_to:
+            matrix = np.concatenate([matrix, np.repeat(matrix[-1:], self.pad_to - rows, axis=0)])
         t = time.perf_counter()
         try:
             out = self._run_bound(matrix) if self.bind else self.session.run(
@@ -196,7 +205,7 @@ class Scorer:
             raise ScoringError(
                 f"model output '{self.output_name}' has shape {out.shape} for {matrix.shape[0]} rows"
             )
-        return self.sign * out.reshape(-1).astype(np.float64)
+        return self.sign * out.reshape(-1)[:rows].astype(np.float64)
 
     def _run_bound(self, matrix: np.ndarray) -> np.ndarray:
         """I/O binding with device buffers kept per batch size: copy in, run, copy out, nothing

@@ -49,7 +49,7 @@ class Service:
         self.overrides = overrides or {}
         self.queue = IntakeQueue(config.queue.max_records, config.queue.when_full)
         self.health = Health(queue_depth=lambda: self.queue.depth, dropped=lambda: self.queue.dropped)
-        model = load_model(config.bundle, config.scoring)
+        model = load_model(config.bundle, config.scoring, max_batch=config.batch.max_records)
         self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
         self.source = source or open_source(config.source, config.batch.max_records, input_path)
         self.stopping = threading.Event()  # sources stop reading
@@ -193,7 +193,7 @@ class Service:
             if path == self._bundle_path and bundle.manifest.files == self._bundle_files:
                 log.info("reload: bundle %s unchanged", path)
                 return
-            model = load_model(path, self.config.scoring, bundle=bundle)
+            model = load_model(path, self.config.scoring, bundle=bundle, max_batch=self.config.batch.max_records)
             current = self.runtime.model.bundle.manifest.input.feature_names
             if model.feature_names != current:
                 log.warning("new model %s takes features %s (was %s)", model.version, model.feature_names, current)

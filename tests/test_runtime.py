@@ -217,3 +217,15 @@ def test_a_failing_model_call_dead_letters_the_batch_and_serving_goes_on(make_co
     assert [d["line_no"] for d in letters] == [5, 6, 7, 8]
     assert all("out of memory" in d["reason"] for d in letters)
     assert letters[0]["line"] == record_line(rows[4], ts=T0 + 4)  # the record as it arrived
+
+
+def test_a_payload_is_acknowledged_once_its_records_are_scored_and_counted(make_config, tmp_path):
+    from edge_runtime.sources import Payload
+
+    acks = []
+    lines = [record_line(r, ts=T0 + i).encode() for i, r in enumerate(normal_rows(5))] + [b"{bad"]
+    with EdgeRuntime(make_config()) as rt:
+        payload = Payload("jsonl", lines, "test", 1, ack=lambda: acks.append(rt.health.scored))
+        rt.handle([payload])
+        assert acks == [5]  # called after the batch was scored (and the reject counted), exactly once
+        assert rt.window.records == 5 and rt.window.rejected == 1
