@@ -105,8 +105,10 @@ def provider_failures(wanted: list[ProviderRequest], active: list[str], availabl
                 reasons[name] = f"not in this ONNX Runtime build (it has {available})"
             continue
         short = name.removesuffix("ExecutionProvider")
-        lines = [ln.strip() for ln in ort_log.splitlines() if short.lower() in ln.lower() or "fail" in ln.lower()]
-        reason = " | ".join(re.sub(r"^\S+ \S+ \[\w+:[^\]]*\] ", "", ln) for ln in lines[-3:])
+        text = re.sub(r"\x1b\[[0-9;]*m", "", ort_log)  # its terminal colours
+        lines = [ln.strip() for ln in text.splitlines() if short.lower() in ln.lower() or "fail" in ln.lower()]
+        # drop ORT's "<time> [E:onnxruntime:Default, file:line function] " prefix
+        reason = " | ".join(re.sub(r"^\S+ \S+ \[[A-Z]:onnxruntime:[^\]]*\] ", "", ln) for ln in lines[-3:] if ln)
         reasons[name] = reason or "ONNX Runtime gave no reason (run with its log level raised to see more)"
     return reasons
 

@@ -474,3 +474,23 @@ def test_a_watched_config_file_swaps_without_a_signal(bundle_dir, make_config, t
     assert out["stats"].model_version == "1.1.0"
     (s,) = summaries(tmp_path).values()
     assert s.model_version == "1.1.0" and s.records == 5
+
+
+def test_the_reason_onnxruntime_gpu_gives_without_a_gpu_reaches_the_warning():
+    """What onnxruntime-gpu 1.31 printed on this project's CPU-only VM (checked by hand; the 340 MB
+    package is not installed in CI): the warning must carry its reason, without colours or prefix."""
+    from edge_runtime.scoring import ProviderRequest, provider_failures
+
+    log = ("\x1b[1;31m2026-11-23 21:17:50.095238120 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+           "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open "
+           "shared object file: No such file or directory\n\x1b[m\x1b[0;93m2026-11-23 21:17:50.095275916 "
+           "[W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 CreateExecutionProviderFactoryInstance] "
+           "Failed to create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 13.*.\x1b[m\n")
+    wanted = [ProviderRequest("CUDAExecutionProvider", {}, False), ProviderRequest("CPUExecutionProvider", {}, False)]
+    reasons = provider_failures(wanted, ["CPUExecutionProvider"],
+                                ["CUDAExecutionProvider", "CPUExecutionProvider"], log)
+    assert list(reasons) == ["CUDAExecutionProvider"]  # from auto, yet warned: the build has it and it failed
+    assert reasons["CUDAExecutionProvider"] == (
+        "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared "
+        "object file: No such file or directory | Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
+        "CUDA 13.*.")
