@@ -117,9 +117,10 @@ class Service:
                 self._reload.clear()
                 self._on_reload()
             if self.stopping.is_set() or self._source_done.is_set():
-                # drain: no new input, but score everything already queued
-                reader.join(timeout=max(self._grace_left() / 2, 0.1))
-                self.queue.close()
+                # drain: once the source has let go (it may be waiting on a full queue, which this
+                # loop keeps emptying), or half the grace is gone, refuse input and score what is queued
+                if not reader.is_alive() or self._grace_left() < self.config.service.grace_s / 2:
+                    self.queue.close()
             if cfg.health.log_interval_s and time.monotonic() - last_log >= cfg.health.log_interval_s:
                 last_log = time.monotonic()
                 log.info(self.health.log_line())

@@ -494,3 +494,38 @@ def test_the_reason_onnxruntime_gpu_gives_without_a_gpu_reaches_the_warning():
         "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared "
         "object file: No such file or directory | Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
         "CUDA 13.*.")
+
+
+class HangingStore(LocalStore):
+    """A store whose every upload hangs (a dead link with no RST)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def put(self, key, data):
+        self.calls += 1
+        self.release.wait(60)
+        raise OSError("timed out")
+
+
+def test_a_hanging_store_never_stalls_scoring_and_stop_keeps_its_grace(make_config, tmp_path):
+    store = HangingStore(tmp_path / "store")
+    config = tcp_config(make_config, window={"seconds": 1, "lateness_s": 0.1}, service={"grace_s": 2})
+    t_stop = None
+    try:
+        with serving(config, store=store) as (svc, out):
+            for i in range(3):
+                send(svc, [record_line(r, ts=time.time()) for r in normal_rows(100, seed=i)])
+                time.sleep(1.1)
+            wait_for(lambda: svc.health.scored == 300 and svc.health.windows >= 2)
+            assert store.calls >= 1  # an upload is hanging right now
+            t_stop = time.monotonic()
+    finally:
+        store.release.set()
+    assert time.monotonic() - t_stop < 8  # grace 2 s, plus the final flush bound
+    assert out["stats"].scored == 300
+    outbox = LocalStore(tmp_path / "outbox")
+    kept = [k for k in outbox.list("summaries/")]
+    assert sum(load_summary(outbox.get(k), k).records for k in kept) == 300  # all still in the outbox
