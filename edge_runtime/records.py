@@ -53,6 +53,7 @@ class Reason:
     BAD_FRAME = "bad_frame"
     SCORING = "scoring_failed"
     BAD_SCORE = "non_finite_score"
+    INTERNAL = "internal_error"
 
 
 @dataclass

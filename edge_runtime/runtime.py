@@ -251,6 +251,30 @@ class EdgeRuntime:
             if p.ack is not None:
                 p.ack()
 
+    def fail(self, payloads: list[Payload], err: BaseException) -> None:
+        """The last line of defence: a batch that broke the engine (a bug) is dead-lettered whole
+        and counted, and serving goes on. Records of it already counted before the failure may
+        then be counted twice; that is logged with the error."""
+        log.exception("engine failed on a batch of %d records; dead-lettered, serving goes on",
+                      sum(p.n for p in payloads))
+        reason = f"internal error: {type(err).__name__}: {err}"
+        rejections = [(Rejection(Reason.INTERNAL, reason, i), _Origin(p, i))
+                      for p in payloads for i in range(len(p.items) if p.kind == "jsonl" else p.n)]
+        self.health.records_in += len(rejections)
+        try:
+            self._dead_letter(rejections)
+            self.dead_letter.flush()
+        except Exception:
+            log.exception("could not dead-letter the failed batch")
+        if self.window is not None:
+            self._count_rejections(rejections, self.window)
+        else:
+            for r, _ in rejections:
+                self.orphans.add(r, time.monotonic())
+        for p in payloads:
+            if p.ack is not None:
+                p.ack()
+
     def tick(self) -> None:
         """Between batches: ship the open window once the stream's clock has passed its end plus
         the lateness allowance; give rejections that found no window one of their own."""

@@ -108,7 +108,10 @@ class Service:
             if batch is None:
                 break
             if batch:
-                rt.handle(batch)
+                try:
+                    rt.handle(batch)
+                except Exception as err:  # a bug must cost one batch, never the service
+                    rt.fail(batch, err)
             rt.tick()
             if self._ready is not None:
                 model, self._ready = self._ready, None

@@ -529,3 +529,28 @@ def test_a_hanging_store_never_stalls_scoring_and_stop_keeps_its_grace(make_conf
     outbox = LocalStore(tmp_path / "outbox")
     kept = [k for k in outbox.list("summaries/")]
     assert sum(load_summary(outbox.get(k), k).records for k in kept) == 300  # all still in the outbox
+
+
+def test_an_engine_bug_costs_one_batch_never_the_service(make_config, tmp_path, monkeypatch):
+    from edge_runtime.runtime import EdgeRuntime
+
+    real = EdgeRuntime._account
+    calls = []
+
+    def broken_once(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(self, *args)
+
+    monkeypatch.setattr(EdgeRuntime, "_account", broken_once)
+    with serving(tcp_config(make_config)) as (svc, out):
+        send(svc, ['{"first": "batch"}', record_line(normal_rows(1)[0], ts=time.time())])
+        wait_for(lambda: svc.health.rejected["internal_error"] == 2)
+        send(svc, [record_line(r, ts=time.time()) for r in normal_rows(5)])
+        wait_for(lambda: svc.health.scored == 5)
+    letters = read_jsonl(tmp_path / "dead-letter.jsonl")
+    assert [d["code"] for d in letters][-2:] == ["internal_error"] * 2
+    assert "RuntimeError: a bug" in letters[-1]["reason"]
+    (s,) = summaries(tmp_path).values()
+    assert s.records == 5 and s.rejected_by_reason.get("internal_error") == 2
