@@ -254,7 +254,6 @@ class RecordDecoder:
                 return Rejection(Reason.UNEXPECTED, f"unexpected features {shown}", i)
         values: list[float] = []
         missing: list[str] = []
-        nonfinite: list[str] = []
         for spec in self.features:
             value = raw_values.get(spec.name)
             if value is None:
@@ -269,17 +268,16 @@ class RecordDecoder:
                 value = float(value)
             except OverflowError:  # an integer beyond float range
                 value = math.inf
-            if not (abs(value) <= FLOAT32_MAX):
-                nonfinite.append(spec.name)
             values.append(value)
-        if missing or nonfinite:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing}")
-            if nonfinite:
-                parts.append(f"non-finite {nonfinite}")
-            code = Reason.MISSING if missing else Reason.NON_FINITE
-            return Rejection(code, "; ".join(parts), i, tuple(missing), tuple(nonfinite))
+        if missing:
+            # what float32 makes of the rest, as on the fast path: past its range is non-finite
+            with np.errstate(over="ignore"):
+                row = np.asarray(values, dtype=np.float32)
+            present = [f.name for f in self.features if f.name not in missing]
+            nonfinite = [name for name, v in zip(present, row.tolist()) if not math.isfinite(v)]
+            parts = [f"missing {missing}"] + ([f"non-finite {nonfinite}"] if nonfinite else [])
+            return Rejection(Reason.MISSING, "; ".join(parts), i, tuple(missing), tuple(nonfinite))
+        # non-finite values are left to _finish, so every path judges the timestamp first, then values
         return obj, values
 
     def _timestamps(self, raw_ts: list, ts_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:

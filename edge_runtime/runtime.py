@@ -85,6 +85,15 @@ class RejectTally:
         self.__init__()
 
 
+def _text(value: object) -> str | None:
+    """A record's id as text that is valid UTF-8 whatever came in (a lone surrogate from a JSON
+    escape that the lenient parser let through, a number, an object)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class _Origin:
     """Where a decoded row came from, for its event or dead letter."""
@@ -360,7 +369,7 @@ class EdgeRuntime:
                 "model": model.name,
                 "version": model.version,
                 "ts": float(ts[i]),
-                "id": None if ids[i] is None else str(ids[i]),
+                "id": _text(ids[i]),
                 "source": origin.payload.source,
                 **self._position(origin),
                 "score": float(scores[i]),

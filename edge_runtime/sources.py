@@ -98,11 +98,16 @@ class LineSplitter:
             return [self._finish(b"")]
         return []
 
+    def _keep_head(self, data: bytes) -> None:
+        if len(self._head) < TOO_LONG_HEAD:
+            self._head += data[: TOO_LONG_HEAD - len(self._head)]
+
     def _hold(self, data: bytes) -> None:
         if self._skipping:
             self._skipping += len(data)
+            self._keep_head(data)
         elif self._pending_len + len(data) > self.max_bytes:
-            self._head = b"".join(self._pending)[:TOO_LONG_HEAD] if self._pending else data[:TOO_LONG_HEAD]
+            self._head = (b"".join(self._pending) + data[:TOO_LONG_HEAD])[:TOO_LONG_HEAD]
             self._skipping = self._pending_len + len(data)
             self._pending, self._pending_len = [], 0
         else:
@@ -111,6 +116,7 @@ class LineSplitter:
 
     def _finish(self, end: bytes) -> bytes | TooLong:
         if self._skipping:
+            self._keep_head(end)
             marker = TooLong(self._skipping + len(end), self._head)
             self._skipping, self._head = 0, b""
             return marker
