@@ -34,6 +34,7 @@ class IntakeQueue:
         """Queue a payload; False (and nothing queued) once the queue is closed."""
         with self._cond:
             if self.closed:
+                self.dropped += payload.n  # read from its source but too late to be served: counted
                 return False
             if self.when_full == "block":
                 # a payload larger than the whole queue still goes in, alone
@@ -47,6 +48,7 @@ class IntakeQueue:
                     if oldest.ack is not None:  # dropped by the declared policy: done with it
                         oldest.ack()
             if self.closed:
+                self.dropped += payload.n
                 return False
             payload.arrived = time.monotonic()
             self._items.append(payload)
@@ -84,6 +86,17 @@ class IntakeQueue:
             self.depth -= total
             self._cond.notify_all()
             return batch
+
+    def discard(self) -> int:
+        """Drop everything queued (a stop whose grace is running out); returns the records dropped.
+        Not acknowledged: a transport that redelivers (MQTT QoS 1) sends them again after restart."""
+        with self._cond:
+            n = self.depth
+            self._items.clear()
+            self.depth = 0
+            self.dropped += n
+            self._cond.notify_all()
+            return n
 
     def close(self) -> None:
         """Refuse further input; what is queued can still be taken."""

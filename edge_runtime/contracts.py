@@ -193,8 +193,8 @@ class WindowConfig(_Strict):
     seconds: int = Field(3600, gt=0, le=MAX_WINDOW_SECONDS)
     lateness_s: float = Field(
         5.0, ge=0, le=86_400,
-        description="how long after its end (in stream time, advancing with the wall clock) a window waits "
-        "for late records before it ships",
+        description="how long after its end (in stream time, advancing with the wall clock) a quiet "
+        "stream's window stays open for late records; a record of a later window still closes it at once",
     )
     max_future_s: float = Field(
         86_400, ge=0, description="records stamped further ahead of the device clock are dead-lettered"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 
 from .store import LocalStore, ObjectStore
@@ -17,7 +19,7 @@ from .store import LocalStore, ObjectStore
 log = logging.getLogger(__name__)
 
 PARTS_FILE = ".window-parts.json"
-RECENT_KEYS = 64
+RECENT_KEYS = 1024
 
 
 @dataclass
@@ -34,27 +36,34 @@ class Outbox:
     def put(self, key: str, data: bytes) -> None:
         self.spool.put(key, data)
 
-    def next_part(self, key: str) -> int:
-        """0 the first time ``key`` is asked for, then 1, 2, ...: remembered across restarts.
+    def next_part(self, key: str, start: float) -> int:
+        """0 the first time ``key`` (a window starting at ``start``) is asked for, then 1, 2, ...:
+        remembered across restarts, so a restart, a swap back, or a late record reopening a window
+        never overwrites a part already written (and perhaps already sent).
 
-        The most recent keys are kept (a swap back and forth between model versions inside one
-        window must not reuse a part number); windows close in order, so older keys cannot recur.
+        The most recent keys are kept; a window at or before the newest one forgotten gets a part
+        number of its own (milliseconds since the epoch), which cannot collide with 0, 1, 2, ...
         """
         state = self.spool.root / PARTS_FILE
         try:
-            parts = json.loads(state.read_text())
-            if not isinstance(parts, dict):
-                parts = {}
-        except (OSError, ValueError):
-            parts = {}
-        part = int(parts[key]) + 1 if key in parts else 0
-        parts.pop(key, None)
-        parts[key] = part
+            doc = json.loads(state.read_text())
+            parts = {str(k): (int(v[0]), float(v[1])) for k, v in doc["parts"].items()}
+            forgotten = doc["forgotten_before"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            parts, forgotten = {}, None
+        if key in parts:
+            part = parts.pop(key)[0] + 1
+        elif forgotten is not None and start <= forgotten:
+            part = time.time_ns() // 1_000_000
+        else:
+            part = 0
+        parts[key] = (part, start)
         while len(parts) > RECENT_KEYS:
-            parts.pop(next(iter(parts)))
+            oldest = next(iter(parts))
+            forgotten = max(forgotten if forgotten is not None else -math.inf, parts.pop(oldest)[1])
         self.spool.root.mkdir(parents=True, exist_ok=True)
         tmp = state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(parts))
+        tmp.write_text(json.dumps({"parts": parts, "forgotten_before": forgotten}))
         os.replace(tmp, state)
         return part
 

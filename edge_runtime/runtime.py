@@ -237,7 +237,8 @@ class EdgeRuntime:
         else:
             scores = np.empty(0)
         self._dead_letter(rejections)
-        ts = fill_missing_ts(ts, self.stream.last_ts if self.stream.last_ts is not None else self.clock())
+        own_ts = ts
+        ts = fill_missing_ts(ts, self.stream.for_missing(now, self.clock()))
         if self.window is not None:
             self._count_rejections(rejections, self.window)
             rejections = []
@@ -252,6 +253,7 @@ class EdgeRuntime:
         for r, _ in rejections:  # no window open and none opened by this batch
             self.orphans.add(r, now)
         self.stream.observe(ts, now)
+        self.stream.note_own(own_ts, now)
         self.events.flush()
         self.dead_letter.flush()
         done = time.monotonic()
@@ -447,7 +449,7 @@ class EdgeRuntime:
         device = self.config.device_id
         name, version = window.model_name, window.model_version
         # a restart (or a swap back) inside a window writes a further part rather than overwrite one
-        part = self.outbox.next_part(summary_key(name, version, device, summary.window_start))
+        part = self.outbox.next_part(summary_key(name, version, device, summary.window_start), window.start)
         self.outbox.put(summary_key(name, version, device, summary.window_start, part),
                         summary.model_dump_json().encode())
         if window.samples:

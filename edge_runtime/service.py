@@ -60,6 +60,7 @@ class Service:
         self._bundle_files = model.bundle.manifest.files
         self._bundle_path = str(config.bundle)
         self._config_mtime = self._mtime()
+        self._loaded = config  # the config as last read, to say once what a reload cannot apply
         self._config_checked = time.monotonic()
         self._source_done = threading.Event()
         self.metrics_port: int | None = None
@@ -101,12 +102,29 @@ class Service:
         log.info("serving %s from %s (%s)", self.runtime.model.describe(), self.source.name,
                  self.runtime.model.scorer.provider)
         self.started.set()
+        try:
+            self._serve(reader)
+        finally:  # whatever ended the loop, the open window ships and nothing is left running
+            reserve = min(1.0, self.config.service.grace_s / 4)  # for writing the last window
+            stats = rt.close(upload_timeout=max(self._grace_left() - reserve, 0.1))
+            if self._metrics is not None:
+                self._metrics.shutdown()
+                self._metrics.server_close()
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
+            self.stopping.set()
+            log.info("stopped: %s", self.health.log_line())
+        return stats
+
+    def _serve(self, reader: threading.Thread) -> None:
+        cfg, rt = self.config, self.runtime
         max_wait = cfg.batch.max_wait_ms / 1000.0
         last_log = time.monotonic()
         while True:
             batch = self.queue.take(cfg.batch.max_records, max_wait, TICK_S)
             if batch is None:
-                break
+                return
             if batch:
                 try:
                     rt.handle(batch)
@@ -122,19 +140,18 @@ class Service:
             if self.stopping.is_set() or self._source_done.is_set():
                 # drain: once the source has let go (it may be waiting on a full queue, which this
                 # loop keeps emptying), or half the grace is gone, refuse input and score what is queued
-                if not reader.is_alive() or self._grace_left() < self.config.service.grace_s / 2:
+                if not reader.is_alive() or self._grace_left() < cfg.service.grace_s / 2:
                     self.queue.close()
+                # a slow device must still exit in time: what cannot be scored within the grace
+                # is dropped and counted, so the open window ships before the supervisor kills us
+                if self._stop_at is not None and self._grace_left() < cfg.service.grace_s / 4:
+                    self.queue.close()
+                    dropped = self.queue.discard()
+                    if dropped:
+                        log.warning("grace running out: %d queued records dropped unscored", dropped)
             if cfg.health.log_interval_s and time.monotonic() - last_log >= cfg.health.log_interval_s:
                 last_log = time.monotonic()
                 log.info(self.health.log_line())
-        stats = rt.close(upload_timeout=max(self._grace_left(), 1.0))
-        if self._metrics is not None:
-            self._metrics.shutdown()
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
-        log.info("stopped: %s", self.health.log_line())
-        return stats
 
     def _grace_left(self) -> float:
         if self._stop_at is None:
@@ -174,13 +191,15 @@ class Service:
         else:
             try:
                 new = load_runtime_config(self.config_path, self.overrides)
-            except ContractError as err:
-                log.error("reload refused: %s; still serving %s", err, self.runtime.model.describe())
+            except (ContractError, OSError, ValueError) as err:  # unreadable, not UTF-8, invalid
+                log.error("reload refused: %s: %s; still serving %s", self.config_path, err,
+                          self.runtime.model.describe())
                 return
-            changed = [k for k in ("source", "queue", "batch", "window", "scoring", "health", "sinks", "store")
-                       if getattr(new, k) != getattr(self.config, k)]
+            fields = [k for k in type(new).model_fields if k != "bundle"]
+            changed = [k for k in fields if getattr(new, k) != getattr(self._loaded, k)]
             if changed:
                 log.warning("reload: changes to %s take effect at the next restart", ", ".join(changed))
+            self._loaded = new
             path = new.bundle
         self._start_loading(path)
 
@@ -204,8 +223,9 @@ class Service:
         except (BundleError, ContractError, ScoringError, OSError) as err:
             self.health.swaps_refused += 1
             log.error("model refused, still serving %s: %s", self.runtime.model.describe(), err)
-            self.runtime.events.write({"kind": "model_refused", "bundle": path, "reason": str(err),
-                                       "serving": self.runtime.model.version})
+            if not self.stopping.is_set():  # the events file closes at stop
+                self.runtime.events.write({"kind": "model_refused", "bundle": path, "reason": str(err),
+                                           "serving": self.runtime.model.version})
             return
         self._bundle_path, self._bundle_files = path, bundle.manifest.files
         self._ready = model

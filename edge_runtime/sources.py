@@ -204,11 +204,12 @@ class FileSource:
         with self._fh as fh:
             while not stop.is_set():
                 data = fh.read(READ_SIZE)
-                if not data:
-                    break
+                if not data:  # a real end: a last line without a newline is still a line
+                    _emit_all(emit, self.cutter.end())
+                    return
                 if not _emit_all(emit, self.cutter.feed(data)) or self.cutter.broken:
                     return
-            _emit_all(emit, self.cutter.end())
+            # stopped: a half-read last line is not a record; the file still holds all of it
 
 
 class StdinSource:
@@ -228,10 +229,10 @@ class StdinSource:
                 continue
             data = os.read(self.fd, READ_SIZE)
             if not data:
-                break
+                _emit_all(emit, self.cutter.end())
+                return
             if not _emit_all(emit, self.cutter.feed(data)) or self.cutter.broken:
                 return
-        _emit_all(emit, self.cutter.end())
 
 
 class TailSource:
@@ -343,6 +344,11 @@ class SocketSource:
         """At stop: what clients already sent is in this host's buffers, so read it (bounded in
         time: a client that never stops sending cannot hold the drain open) and end each stream."""
         deadline = time.monotonic() + budget_s
+        while True:  # clients that connected (and perhaps sent) just before the stop
+            before = len(sel.get_map())
+            self._accept(sel)
+            if len(sel.get_map()) == before:
+                break
         for key in list(sel.get_map().values()):
             conn, cutter = key.fileobj, key.data
             if cutter is None:

@@ -81,6 +81,10 @@ class Uploader:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still inside a flush against a store that hangs
+                log.warning("uploader: store did not answer within %.0fs; %d objects stay in the outbox",
+                            timeout, len(self.outbox.pending()))
+                return
         final = threading.Thread(target=self._final, name="edgeloop-uploader-final", daemon=True)
         final.start()
         final.join(max(deadline - time.monotonic(), 0.1))

@@ -2,9 +2,9 @@
 
 Windows are aligned to multiples of ``seconds`` in UTC and keyed by event time (a record's
 ``ts``). One window is open at a time: a record for a later window closes it, a record for an
-earlier one is counted in it as ``late``. A record without ``ts`` takes the ts of the record
-before it in the stream (a replay must not jump to "now"), or the wall clock if the stream has
-none yet.
+earlier one is counted in it as ``late``. A record without ``ts`` takes the last ts the stream
+carried, moved on by the wall-clock time since (a replay must not jump to "now"), or the wall
+clock if the stream never carried one.
 
 A device that goes quiet must still ship its window, so the stream's clock keeps running on the
 wall clock between records: the watermark is the latest event time seen plus the wall-clock time
@@ -111,16 +111,28 @@ class StreamClock:
     """The watermark: event time, advancing with the wall clock while the stream is quiet."""
 
     def __init__(self) -> None:
-        self.event_ts: float | None = None  # the latest event time seen
+        self.event_ts: float | None = None  # the latest event time seen (records' own or filled in)
         self.at: float = 0.0  # monotonic time when it was seen
-        self.last_ts: float | None = None  # the last record's ts, for records without one
+        self.own_ts: float | None = None  # the last timestamp a record carried itself
+        self.own_at: float = 0.0
 
     def observe(self, ts: np.ndarray, now: float) -> None:
         if len(ts):
             latest = float(ts.max())
-            self.last_ts = float(ts[-1])
             if self.event_ts is None or latest >= self.event_ts:
                 self.event_ts, self.at = latest, now
+
+    def note_own(self, ts: np.ndarray, now: float) -> None:
+        """Remember the last timestamp records carried (``ts`` before filling: NaN where none)."""
+        own = ts[~np.isnan(ts)]
+        if len(own):
+            self.own_ts, self.own_at = float(own[-1]), now
+
+    def for_missing(self, now: float, wall: float) -> float:
+        """The time of a record without ``ts``: the last one a record carried, moved on by the
+        wall-clock time since (a replay keeps its own time; a live stream that stopped stamping
+        keeps moving), or the wall clock for a stream that never stamped."""
+        return wall if self.own_ts is None else self.own_ts + (now - self.own_at)
 
     def watermark(self, now: float) -> float | None:
         return None if self.event_ts is None else self.event_ts + (now - self.at)

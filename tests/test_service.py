@@ -25,7 +25,7 @@ from edge_runtime.batcher import IntakeQueue
 from edge_runtime.contracts import load_summary
 from edge_runtime.frames import encode_frame
 from edge_runtime.service import Service
-from edge_runtime.sources import Payload
+from edge_runtime.sources import FileSource, Payload
 from edge_runtime.store import LocalStore
 
 T0 = synthetic.START_TS
@@ -344,15 +344,25 @@ def test_a_far_future_record_is_dead_lettered_and_never_moves_the_window(make_co
     assert s.rejected_by_reason == {"timestamp_out_of_range": 1}
 
 
+class Done:
+    """A source whose input has already ended."""
+
+    name, finite = "done", True
+
+    def run(self, emit, stop):
+        pass
+
+
 def test_drop_oldest_counts_drops_in_the_window_summary(make_config, tmp_path):
     from edge_runtime.service import Service
 
     config = make_config(queue={"max_records": 10, "when_full": "drop_oldest"}, health={"log_interval_s": 0})
     lines = tmp_path / "in.jsonl"
     lines.write_text("".join(record_line(r, ts=T0 + i) + "\n" for i, r in enumerate(normal_rows(100))))
-    svc = Service(config, input_path=str(lines))
+    svc = Service(config, source=Done())
     # nobody takes from the queue until the source has pushed everything: the oldest must go
-    for p in svc.source.cutter.feed(lines.read_bytes()):
+    cutter = FileSource(config.source, 256, str(lines)).cutter
+    for p in cutter.feed(lines.read_bytes()):
         for one in (Payload("jsonl", [item], p.source, p.first_no + k) for k, item in enumerate(p.items)):
             svc.queue.put(one)
     assert svc.queue.dropped == 90
@@ -554,3 +564,96 @@ def test_an_engine_bug_costs_one_batch_never_the_service(make_config, tmp_path, 
     assert "RuntimeError: a bug" in letters[-1]["reason"]
     (s,) = summaries(tmp_path).values()
     assert s.records == 5 and s.rejected_by_reason.get("internal_error") == 2
+
+
+def test_records_without_timestamps_still_move_through_windows_on_the_wall_clock(make_config, tmp_path,
+                                                                                 monkeypatch):
+    from edge_runtime.runtime import EdgeRuntime
+
+    now = {"t": float(T0)}
+    monkeypatch.setattr("edge_runtime.runtime.time.monotonic", lambda: now["t"])
+    rt = EdgeRuntime(make_config(), clock=lambda: now["t"])
+    rows = normal_rows(60)
+    for r in rows:  # one record every 10 minutes for 10 hours, none stamped
+        rt.process([json.dumps(dict(zip(synthetic.FEATURES, r.tolist())))])
+        rt.tick()
+        now["t"] += 600
+    rt.close()
+    got = summaries(tmp_path)
+    assert len(got) == 10 and sum(s.records for s in got.values()) == 60
+    assert all(s.records == 6 for s in got.values())
+
+
+def test_a_window_reopened_after_its_part_was_forgotten_never_overwrites(tmp_path, monkeypatch):
+    from edge_runtime import outbox as outbox_module
+    from edge_runtime.outbox import Outbox
+
+    monkeypatch.setattr(outbox_module, "RECENT_KEYS", 3)
+    box = Outbox(str(tmp_path / "outbox"))
+    assert [box.next_part(f"k{i}", float(i)) for i in range(5)] == [0] * 5  # k0 and k1 are forgotten
+    assert box.next_part("k4", 4.0) == 1
+    reopened = box.next_part("k0", 0.0)
+    assert reopened > 1_000_000_000_000  # a part of its own, not 0: k0.json may already be in the store
+    assert box.next_part("k9", 9.0) == 0  # newer than anything forgotten: numbering as usual
+
+
+def test_an_unreadable_config_at_reload_is_refused_and_serving_goes_on(make_config, bundle_dir, tmp_path, caplog):
+    from edge_runtime.contracts import load_runtime_config
+
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: d1\nbundle: {bundle_dir}\nsource: {{kind: tcp, port: 0}}\n"
+                   "health: {log_interval_s: 0}\n")
+    with caplog.at_level(logging.ERROR), serving(load_runtime_config(cfg), config_path=cfg) as (svc, out):
+        cfg.write_bytes(b"device_id: \xff\xfe\n")
+        svc.request_reload()
+        wait_for(lambda: any("reload refused" in r.message for r in caplog.records))
+        send(svc, [record_line(r, ts=time.time()) for r in normal_rows(7)])
+        wait_for(lambda: svc.health.scored == 7)
+    assert out["stats"].scored == 7
+    (s,) = summaries(tmp_path).values()
+    assert s.records == 7
+
+
+def test_a_slow_device_still_exits_within_its_grace_and_counts_what_it_dropped(make_config, tmp_path, monkeypatch):
+    from edge_runtime.scoring import Scorer
+
+    real = Scorer.score
+
+    def slow(self, matrix):
+        time.sleep(0.05)
+        return real(self, matrix)
+
+    monkeypatch.setattr(Scorer, "score", slow)
+    config = tcp_config(make_config, service={"grace_s": 2}, batch={"max_records": 64})
+    rows = normal_rows(20_000)
+    with serving(config) as (svc, out):
+        send(svc, [record_line(r, ts=time.time()) for r in rows])
+        wait_for(lambda: svc.health.scored > 0 and svc.queue.depth > 1000)
+        t = time.monotonic()
+        svc.request_stop()
+        wait_for(lambda: "stats" in out, timeout=10)
+        took = time.monotonic() - t
+    stats = out["stats"]
+    assert took < 2.5, took
+    assert stats.dropped > 0 and stats.scored + stats.dropped == 20_000
+    (s,) = summaries(tmp_path).values()
+    assert s.records == stats.scored and s.dropped == stats.dropped
+
+
+def test_a_file_source_stopped_mid_line_emits_no_half_record(tmp_path):
+    from edge_runtime.contracts import SourceConfig
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"ts": T0, **{f"f{i}": 1.0 for i in range(40)}}) + "\n"
+    path.write_text(line * 5000)  # several read blocks, not cut at line ends
+    stop = threading.Event()
+    got = []
+
+    def emit(p):
+        got.append(p)
+        stop.set()  # stop after the first block
+        return True
+
+    FileSource(SourceConfig(path=str(path)), 256, str(path)).run(emit, stop)
+    items = [x for p in got for x in p.items]
+    assert items and all(x + b"\n" == line.encode() for x in items)
