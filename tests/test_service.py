@@ -277,7 +277,8 @@ def test_health_endpoint_serves_prometheus_text(make_config, tmp_path):
     config = tcp_config(make_config, health={"port": 0, "log_interval_s": 0})
     with serving(config) as (svc, _):
         send(svc, [record_line(r, ts=time.time()) for r in normal_rows(20)] + ["{bad", "[1]"])
-        wait_for(lambda: svc.health.records_in == 22)
+        wait_for(lambda: svc.health.scored == 20 and sum(svc.health.rejected.values()) == 2)
+        time.sleep(0.2)  # the batch's last counters (queue, latency) are set after these
         with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
     assert "edgeloop_records_scored_total 20.0" in text
