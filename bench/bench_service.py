@@ -351,13 +351,18 @@ def bench_memory(work, bundles, X, seconds: float, rate: int) -> dict:
     proc.terminate()
     report = json.loads(proc.communicate(timeout=60)[0].strip().splitlines()[-1])
     model_mb = (bundle / "model.onnx").stat().st_size / 2**20
+    (work / "soak-rss.csv").write_text("seconds,rss_mb\n" + "".join(f"{t:.1f},{r:.1f}\n" for t, r in samples))
     rss = [r for _, r in samples]
     half = len(rss) // 2
+    t_all = np.array([t for t, _ in samples])
+    last = t_all >= t_all[-1] / 2  # growth over the second half, per hour: a leak shows here
+    slope = float(np.polyfit(t_all[last], np.array(rss)[last], 1)[0]) * 3600 if last.sum() > 2 else float("nan")
     return {"model": name, "seconds": seconds, "rate_per_s": rate, "sent": i, "scored": report["scored"],
             "model_mb": round(model_mb, 2), "rss_mb_first_quarter_max": round(max(rss[: max(len(rss) // 4, 1)]), 1),
             "rss_mb_max": round(max(rss), 1), "rss_mb_last": round(rss[-1], 1),
             "rss_mb_mean_first_half": round(float(np.mean(rss[:half] or rss)), 1),
-            "rss_mb_mean_second_half": round(float(np.mean(rss[half:])), 1)}
+            "rss_mb_mean_second_half": round(float(np.mean(rss[half:])), 1),
+            "rss_mb_per_hour_over_second_half": round(slope, 2), "samples_csv": str(work / "soak-rss.csv")}
 
 
 def main() -> None:
