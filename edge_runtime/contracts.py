@@ -168,6 +168,11 @@ class SourceConfig(_Strict):
     )
     from_start: bool = Field(False, description="tail: read what the file already holds first")
     poll_ms: int = Field(200, gt=0, le=60_000, description="tail: how often to look for new data")
+    parse_workers: int = Field(
+        0, ge=0, le=64,
+        description="JSON lines: processes that parse ahead of the engine, so a second core decodes while the "
+        "first scores; 0 parses on the engine's thread",
+    )
 
     @property
     def resolved_kind(self) -> str:

@@ -9,6 +9,7 @@ one finite score per row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,11 @@ class Model:
     @property
     def score_edges(self) -> list[float]:
         return self.bundle.baseline.score.hist_edges
+
+    @cached_property
+    def schema_key(self) -> str:
+        """Identifies the input schema: a record parsed ahead for another one is parsed again."""
+        return self.bundle.manifest.input.model_dump_json()
 
     def describe(self) -> str:
         return f"{self.name} {self.version} ({self.bundle.root})"

@@ -308,7 +308,9 @@ class EdgeRuntime:
         ts_range = self.ts_range()
         decoded, origins = [], []
         for p in payloads:
-            if p.kind == "jsonl":
+            if p.decoded is not None and p.schema_key == model.schema_key:
+                d = p.decoded  # parsed ahead by a worker process for this very schema
+            elif p.kind == "jsonl":
                 d = model.decoder.decode(p.items, ts_range)
             elif p.kind == "frame":
                 try:

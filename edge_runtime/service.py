@@ -159,11 +159,20 @@ class Service:
         return self.config.service.grace_s - (time.monotonic() - self._stop_at)
 
     def _read(self) -> None:
+        emit, stage = self.queue.put, None
+        workers = self.config.source.parse_workers
+        if workers and self.config.source.format == "jsonl":
+            from .parsing import ParseStage
+
+            stage = emit = ParseStage(self.queue.put, self.runtime.model.bundle.manifest.input,
+                                      self.runtime.ts_range, workers)
         try:
-            self.source.run(self.queue.put, self.stopping)
+            self.source.run(emit, self.stopping)
         except Exception:
             log.exception("source %s failed; draining", self.source.name)
         finally:
+            if stage is not None:
+                stage.close()
             self._source_done.set()
 
     # -- hot swap ---------------------------------------------------------------------------------

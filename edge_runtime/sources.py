@@ -50,6 +50,8 @@ class Payload:
     ack: Callable[[], None] | None = None
     note: str = ""
     arrived: float = field(default_factory=time.monotonic)
+    decoded: object = None  # a Decoded made ahead by a parse worker (parsing.py), for ``schema_key``
+    schema_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.n:

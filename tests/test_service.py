@@ -658,3 +658,41 @@ def test_a_file_source_stopped_mid_line_emits_no_half_record(tmp_path):
     FileSource(SourceConfig(path=str(path)), 256, str(path)).run(emit, stop)
     items = [x for p in got for x in p.items]
     assert items and all(x + b"\n" == line.encode() for x in items)
+
+
+def test_parse_workers_give_the_same_results_as_parsing_in_the_engine(make_config, tmp_path):
+    from edge_runtime.service import run_file
+
+    rows = normal_rows(3000, seed=2)
+    rows[::250, 5] += 2000
+    lines = [record_line(r, ts=T0 + 5 * i, rid=f"r{i}") for i, r in enumerate(rows)]
+    lines[10], lines[2000] = "{oops", json.dumps({"ts": T0, "features": [1, 2]})
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    results = {}
+    for workers in (0, 1):
+        d = tmp_path / f"w{workers}"
+        config = make_config(source={"parse_workers": workers}, health={"log_interval_s": 0},
+                             sinks={"events": str(d / "events.jsonl"), "dead_letter": str(d / "dl.jsonl"),
+                                    "outbox": str(d / "outbox")}, store={"url": str(d / "store")})
+        stats = run_file(config, src)
+        store = LocalStore(d / "store")
+        sums = {k: load_summary(store.get(k), k) for k in store.list("summaries/")}
+        results[workers] = (stats.scored, stats.rejected, stats.outliers,
+                            {k: (s.records, s.rejected, s.outliers, s.features["rpm"].mean) for k, s in sums.items()},
+                            [(e["code"], e["line_no"]) for e in read_jsonl(d / "dl.jsonl")],
+                            sorted(e["id"] for e in read_jsonl(d / "events.jsonl")))
+    assert results[0] == results[1]
+    assert results[1][:2] == (2998, 2) and results[1][4] == [("malformed_json", 11), ("wrong_shape", 2001)]
+
+
+def test_a_payload_parsed_for_another_schema_is_parsed_again(make_config):
+    from edge_runtime.runtime import EdgeRuntime
+
+    with EdgeRuntime(make_config()) as rt:
+        line = record_line(normal_rows(1)[0], ts=T0).encode()
+        stale = Payload("jsonl", [line], "t", 1)
+        stale.decoded = rt.model.decoder.decode([b"{bad"], (0, 4e9))  # made for some other schema
+        stale.schema_key = "another schema"
+        rt.handle([stale])
+        assert rt.health.scored == 1 and not rt.health.rejected
