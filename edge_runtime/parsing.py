@@ -53,6 +53,8 @@ class ParseStage:
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init, initargs=(schema,))
         self._inflight: deque[tuple[Payload, Future]] = deque()
+        for _ in range(workers):  # start the workers now, not at the first payload
+            self.pool.submit(int)
 
     def __call__(self, payload: Payload) -> bool:
         if payload.kind != "jsonl":

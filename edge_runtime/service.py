@@ -49,7 +49,20 @@ class Service:
         self.overrides = overrides or {}
         self.queue = IntakeQueue(config.queue.max_records, config.queue.when_full)
         self.health = Health(queue_depth=lambda: self.queue.depth, dropped=lambda: self.queue.dropped)
-        model = load_model(config.bundle, config.scoring, max_batch=config.batch.max_records)
+        bundle = load_bundle(config.bundle)
+        self._parse = None
+        if config.source.parse_workers and config.source.format == "jsonl":
+            from .parsing import ParseStage
+
+            # started before the model loads, so the workers' start overlaps the session's
+            self._parse = ParseStage(self.queue.put, bundle.manifest.input, lambda: self.runtime.ts_range(),
+                                     config.source.parse_workers)
+        try:
+            model = load_model(config.bundle, config.scoring, bundle=bundle, max_batch=config.batch.max_records)
+        except BaseException:
+            if self._parse is not None:
+                self._parse.close()
+            raise
         self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
         self.source = source or open_source(config.source, config.batch.max_records, input_path)
         self.stopping = threading.Event()  # sources stop reading
@@ -159,13 +172,8 @@ class Service:
         return self.config.service.grace_s - (time.monotonic() - self._stop_at)
 
     def _read(self) -> None:
-        emit, stage = self.queue.put, None
-        workers = self.config.source.parse_workers
-        if workers and self.config.source.format == "jsonl":
-            from .parsing import ParseStage
-
-            stage = emit = ParseStage(self.queue.put, self.runtime.model.bundle.manifest.input,
-                                      self.runtime.ts_range, workers)
+        stage = self._parse
+        emit = stage or self.queue.put
         try:
             self.source.run(emit, self.stopping)
         except Exception:
