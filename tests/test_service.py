@@ -696,3 +696,30 @@ def test_a_payload_parsed_for_another_schema_is_parsed_again(make_config):
         stale.schema_key = "another schema"
         rt.handle([stale])
         assert rt.health.scored == 1 and not rt.health.rejected
+
+
+def test_a_failed_parse_worker_leaves_the_payload_to_the_engine(bundle_dir):
+    from concurrent.futures import Future
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.parsing import ParseStage
+
+    class BrokenPool:
+        def submit(self, *args):
+            f = Future()
+            f.set_exception(RuntimeError("worker killed"))
+            return f
+
+        def shutdown(self, **kwargs):
+            pass
+
+    got = []
+    stage = ParseStage(lambda p: got.append(p) or True, load_bundle(bundle_dir).manifest.input,
+                       lambda: (0.0, 4e9), 1)
+    stage.pool.shutdown()
+    stage.pool = BrokenPool()
+    for i in range(3):
+        assert stage(Payload("jsonl", [b"{}"], "t", i + 1))
+    stage.close()
+    assert [p.first_no for p in got] == [1, 2, 3]  # in order, none lost
+    assert all(p.decoded is None for p in got)  # the engine will decode them itself
