@@ -59,12 +59,12 @@ class Service:
                                      config.source.parse_workers)
         try:
             model = load_model(config.bundle, config.scoring, bundle=bundle, max_batch=config.batch.max_records)
-        except BaseException:
+            self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
+            self.source = source or open_source(config.source, config.batch.max_records, input_path)
+        except BaseException:  # a start that fails leaves no worker processes behind
             if self._parse is not None:
                 self._parse.close()
             raise
-        self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
-        self.source = source or open_source(config.source, config.batch.max_records, input_path)
         self.stopping = threading.Event()  # sources stop reading
         self._stop_at: float | None = None
         self._reload = threading.Event()
