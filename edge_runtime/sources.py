@@ -190,6 +190,22 @@ def _emit_all(emit: Emit, payloads: list[Payload]) -> bool:
     return True
 
 
+def _read_to_end(read: Callable[[], bytes | None], cutter: StreamCutter, emit: Emit, stop: threading.Event) -> None:
+    """Feed ``read()``'s blocks (None: nothing yet; b"": the end) to ``cutter`` until the end or a stop.
+
+    Only a real end flushes a last line without a newline; after a stop, a half-read line is not a
+    record (the file, or the writer, still has all of it)."""
+    while not stop.is_set():
+        data = read()
+        if data is None:
+            continue
+        if not data:
+            _emit_all(emit, cutter.end())
+            return
+        if not _emit_all(emit, cutter.feed(data)) or cutter.broken:
+            return
+
+
 class FileSource:
     """A file read once to its end (JSON lines or frames): replays, batch jobs, the demo."""
 
@@ -204,14 +220,7 @@ class FileSource:
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         with self._fh as fh:
-            while not stop.is_set():
-                data = fh.read(READ_SIZE)
-                if not data:  # a real end: a last line without a newline is still a line
-                    _emit_all(emit, self.cutter.end())
-                    return
-                if not _emit_all(emit, self.cutter.feed(data)) or self.cutter.broken:
-                    return
-            # stopped: a half-read last line is not a record; the file still holds all of it
+            _read_to_end(lambda: fh.read(READ_SIZE), self.cutter, emit, stop)
 
 
 class StdinSource:
@@ -225,16 +234,11 @@ class StdinSource:
         self.cutter = StreamCutter(self.name, config, chunk)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
-        while not stop.is_set():
-            ready, _, _ = select.select([self.fd], [], [], 0.2)
-            if not ready:
-                continue
-            data = os.read(self.fd, READ_SIZE)
-            if not data:
-                _emit_all(emit, self.cutter.end())
-                return
-            if not _emit_all(emit, self.cutter.feed(data)) or self.cutter.broken:
-                return
+        def read() -> bytes | None:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)  # so a stop is seen within 0.2 s
+            return os.read(self.fd, READ_SIZE) if ready else None
+
+        _read_to_end(read, self.cutter, emit, stop)
 
 
 class TailSource:
