@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.contracts import (
     SUMMARY_PREFIX,
+    SUMMARY_SUFFIX,
     ContractError,
     NumericSummary,
     WindowSummary,
@@ -92,7 +93,7 @@ def psi(baseline: NumericSummary, current: NumericSummary) -> float:
 
 def ks_distance(baseline: NumericSummary, current: NumericSummary, points: int = 256) -> float:
     """Largest gap between the two CDFs, read off the KLL sketches."""
-    a, b = decode_sketch(baseline.kll), decode_sketch(current.kll)
+    a, b = decode_sketch(baseline), decode_sketch(current)
     if a.is_empty() or b.is_empty():
         raise ValueError("KS distance of an empty sketch")
     ranks = np.linspace(0, 1, points)
@@ -142,19 +143,27 @@ def assess_device(baseline: WindowSummary, windows: list[WindowSummary], t: Thre
 
 
 def load_fleet(store: ObjectStore) -> tuple[dict[tuple[str, str], dict[str, list[WindowSummary]]], list[str]]:
-    """Every summary in the store, grouped by (model, version) then device; plus unreadable keys."""
+    """Every summary in the store (all parts of every window, any version), grouped by (model,
+    version) then device; plus warnings: unreadable keys, and replays skipped. A part whose digest
+    and counts repeat another part of the same window is the same input fed twice: counted once."""
     fleet: dict[tuple[str, str], dict[str, list[WindowSummary]]] = defaultdict(lambda: defaultdict(list))
-    bad: list[str] = []
+    warnings: list[str] = []
+    seen: dict[tuple, str] = {}
     for key in store.list(SUMMARY_PREFIX):
-        if not key.endswith(".json"):
+        if not key.endswith((".json", SUMMARY_SUFFIX)):
             continue
         try:
             s = load_summary(store.get(key), key)
-        except ContractError:
-            bad.append(key)
+        except ContractError as err:
+            warnings.append(f"unreadable summary skipped: {err}")
             continue
+        if s.records_digest is not None:
+            if s.identity in seen:
+                warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")
+                continue
+            seen[s.identity] = key
         fleet[(s.model_name, s.model_version)][s.device_id].append(s)
-    return fleet, bad
+    return fleet, warnings
 
 
 def load_baseline(store: ObjectStore, model: str, version: str) -> WindowSummary | None:
@@ -168,8 +177,7 @@ def load_baseline(store: ObjectStore, model: str, version: str) -> WindowSummary
 def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSummary] | None = None,
                 thresholds: Thresholds = Thresholds()) -> tuple[list[ModelDrift], list[str]]:
     """Assess every (model, version) in the store; returns the reports and any warnings."""
-    fleet, bad = load_fleet(store)
-    warnings = [f"unreadable summary skipped: {k}" for k in bad]
+    fleet, warnings = load_fleet(store)
     reports: list[ModelDrift] = []
     for (model, version), devices in sorted(fleet.items()):
         baseline = (baselines or {}).get((model, version)) or load_baseline(store, model, version)

@@ -11,11 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 MANIFEST_SCHEMA_VERSION = 1
 CONFIG_SCHEMA_VERSION = 2
-SUMMARY_SCHEMA_VERSION = 2
+SUMMARY_SCHEMA_VERSION = 3
 
 MAX_WINDOW_SECONDS = 7 * 86400  # the largest window: a week of one device's data in one summary
 
@@ -98,19 +98,52 @@ class BundleManifest(_Strict):
 class NumericSummary(_Strict):
     """Mergeable statistics of one numeric series over a window."""
 
-    count: int = 0
-    missing: int = 0
-    nonfinite: int = 0
+    count: int = Field(0, description="finite values summarised")
+    missing: int = Field(0, description="records without this value")
+    nonfinite: int = Field(0, description="NaN or infinite values (nan + inf from version 3 on)")
+    nan: int = 0
+    inf: int = 0
     min: float | None = None
     max: float | None = None
     mean: float | None = None
-    variance: float | None = Field(default=None, description="population variance")
+    variance: float | None = Field(default=None, description="population variance (M2 / count)")
     hist_edges: list[float] = Field(default_factory=list)
     hist_counts: list[int] = Field(
         default_factory=list,
         description="len(hist_edges)+1 counts: below the first edge, between edges, above the last",
     )
-    kll: str | None = Field(default=None, description="base64 of a serialised KLL doubles sketch")
+    kll: bytes | None = Field(default=None, description="a serialised DataSketches KLL sketch (base64 in JSON)")
+    kll_type: Literal["f64", "f32"] = Field(
+        "f64", description="f64: kll_doubles_sketch (versions 1 and 2); f32: kll_floats_sketch (version 3)"
+    )
+
+    @field_validator("kll", mode="before")
+    @classmethod
+    def _kll_from_base64(cls, v: object) -> object:
+        if isinstance(v, str):
+            import base64
+            import binascii
+
+            try:
+                return base64.b64decode(v, validate=True)
+            except binascii.Error:
+                raise ValueError("not base64") from None
+        return v
+
+    @field_serializer("kll", when_used="json")
+    def _kll_to_base64(self, v: bytes | None) -> str | None:
+        import base64
+
+        return None if v is None else base64.b64encode(v).decode("ascii")
+
+
+class SpoolDrops(_Strict):
+    """Objects the device's spool dropped (full, or too old) since the previous summary was written."""
+
+    summaries: int = 0
+    samples: int = 0
+    records: int = Field(0, description="records counted in the dropped summaries")
+    reason: str | None = Field(None, description="why, for the most recent drop")
 
 
 class WindowHealth(_Strict):
@@ -129,15 +162,26 @@ class WindowHealth(_Strict):
     score_latency_ms_p50: float | None = None
     score_latency_ms_p99: float | None = None
     swaps: int = 0
+    spool_pending: int | None = Field(None, description="objects waiting in the spool for the store")
+    spool_bytes: int | None = None
+    disk_full: bool = Field(False, description="the spool could not write for lack of space; objects kept in memory")
+    uploaded: int | None = None
+    upload_failures: int | None = None
+    writer_conflicts: int = Field(0, description="other runtimes seen writing as this device id")
+    replays: int = Field(0, description="window parts not written because they repeated one already written")
 
 
 class WindowSummary(_Strict):
-    """Version 1 (the skeleton's) is still read; version 2 adds the reasons and the health header."""
+    """Versions 1 and 2 (JSON) are still read; version 3 is written in the binary container of
+    ``summary_format`` and adds the writer's instance id, the part number, a digest of the
+    records counted, and the spool's drops."""
 
-    schema_version: Literal[1, 2] = SUMMARY_SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SUMMARY_SCHEMA_VERSION
     model_name: str
     model_version: str
     device_id: str
+    instance_id: str | None = Field(None, description="the runtime process that wrote it (version 3)")
+    part: int = Field(0, ge=0, description="0, 1, ...: further parts of the same window by the same instance")
     window_start: datetime
     window_end: datetime
     records: int = Field(0, description="records scored")
@@ -146,9 +190,20 @@ class WindowSummary(_Strict):
     outliers: int = 0
     rejected_by_reason: dict[str, int] = Field(default_factory=dict)
     dropped: int = Field(0, description="records the intake queue dropped while this window was open")
+    records_digest: str | None = Field(
+        None, description="order-independent digest of the records counted (scored and rejected): "
+        "two parts of one window with the same digest and counts are one input replayed",
+    )
+    spool_dropped: SpoolDrops | None = None
     health: WindowHealth | None = None
     features: dict[str, NumericSummary]
     score: NumericSummary
+
+    @property
+    def identity(self) -> tuple:
+        """What a replay of the same input repeats exactly."""
+        return (self.model_name, self.model_version, self.device_id, self.window_start, self.records_digest,
+                self.records, self.rejected)
 
 
 # --- runtime configuration --------------------------------------------------------------------
@@ -208,6 +263,12 @@ class WindowConfig(_Strict):
         10 * 365 * 86_400, ge=0,
         description="records stamped further behind the device clock are dead-lettered; null: back to 1970",
     )
+    checkpoint_s: float = Field(
+        30.0, ge=0, le=86_400,
+        description="write the open window's state to the spool this often, so a kill loses at most this much; "
+        "0: never",
+    )
+    kll_k: int = Field(200, ge=8, le=65_535, description="KLL sketch size: rank error about 1.33% at 200")
 
 
 class ProviderSpec(_Strict):
@@ -249,9 +310,36 @@ class SinksConfig(_Strict):
     max_outlier_samples: int = Field(1000, ge=0, description="per window, synced to the store")
 
 
+class SpoolConfig(_Strict):
+    """The local spool (``sinks.outbox``) between the engine and the store, bounded like a Stream
+    Manager stream: a declared policy when it is full."""
+
+    max_bytes: int = Field(256 << 20, ge=1 << 16, description="the most the spool holds on disk")
+    max_age_s: float | None = Field(
+        14 * 86_400, gt=0, description="objects older than this are dropped unsent (counted); null: kept"
+    )
+    when_full: Literal["drop_oldest", "reject_new"] = Field(
+        "drop_oldest",
+        description="drop_oldest: drop the oldest outlier samples, then the oldest summaries; reject_new: drop "
+        "the new object. Every drop is counted in the next summary's header",
+    )
+    max_memory_bytes: int = Field(
+        16 << 20, ge=0, description="disk full: objects kept in memory up to this, sent from there if the link is up"
+    )
+
+
 class StoreConfig(_Strict):
     url: str = Field("store", description="a local directory, or s3://bucket/prefix")
     endpoint_url: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption of every object")
+    kms_key_id: str | None = Field(None, description="with sse aws:kms: the key (default: the bucket's)")
+    multipart_threshold_mb: int = Field(16, ge=5, le=5 * 1024, description="larger objects go in parts")
+    connect_timeout_s: float = Field(3.0, gt=0, le=120)
+    read_timeout_s: float = Field(10.0, gt=0, le=600, description="per request: a hung store fails fast")
+    presence_s: float = Field(
+        300.0, ge=0, description="how often the runtime says in the store that it writes as this device id (to "
+        "detect two runtimes with one id); 0: never",
+    )
 
 
 class RuntimeConfig(_Strict):
@@ -268,6 +356,7 @@ class RuntimeConfig(_Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     @field_validator("device_id")
@@ -394,8 +483,13 @@ def load_manifest(path: str | Path) -> BundleManifest:
 
 
 def load_summary(data: bytes | str, source: str) -> WindowSummary:
+    """A window summary of any version: binary (3) or JSON (1, 2)."""
     import json
 
+    if isinstance(data, bytes) and data[:4] == b"ELWS":
+        from .summary_format import decode
+
+        return decode(data, source)
     try:
         doc = json.loads(data)
     except json.JSONDecodeError as err:
@@ -418,21 +512,37 @@ def _partition(model: str, version: str, device: str, start: datetime) -> str:
     return f"model={model}/version={version}/device={device}/date={start:%Y-%m-%d}"
 
 
-def _stamp(start: datetime, part: int) -> str:
+def _stamp(start: datetime, part: int, instance: str | None) -> str:
+    if instance is not None:
+        return f"{window_stamp(start)}-{instance}-p{part}"
     return window_stamp(start) + (f"-part{part}" if part else "")
 
 
-def summary_key(model: str, version: str, device: str, start: datetime, part: int = 0) -> str:
-    """summaries/model=<name>/version=<v>/device=<id>/date=<YYYY-MM-DD>/<window-start>.json
+SUMMARY_SUFFIX = ".elws"  # version 3, binary (``summary_format``); ".json" for versions 1 and 2
 
-    ``part`` > 0 marks a further summary of the same window (the runtime restarted inside it);
-    readers merge all parts of a window.
+
+def summary_key(model: str, version: str, device: str, start: datetime, part: int = 0,
+                instance: str | None = None) -> str:
+    """summaries/model=<name>/version=<v>/device=<id>/date=<YYYY-MM-DD>/<window-start>-<instance>-p<part>.elws
+
+    One key per (device, model version, window, writer instance, part): a retry writes the same key,
+    two runtimes or two parts never do. Readers merge all parts of a window. Without ``instance``,
+    the version-2 key (``<window-start>[-part<n>].json``).
     """
-    return f"{SUMMARY_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part)}.json"
+    suffix = SUMMARY_SUFFIX if instance is not None else ".json"
+    return f"{SUMMARY_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part, instance)}{suffix}"
 
 
-def outlier_key(model: str, version: str, device: str, start: datetime, part: int = 0) -> str:
-    return f"{OUTLIER_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part)}.jsonl"
+def outlier_key(model: str, version: str, device: str, start: datetime, part: int = 0,
+                instance: str | None = None) -> str:
+    """Outlier samples of one window part: gzip JSON lines (``.jsonl`` before version 3)."""
+    suffix = ".jsonl.gz" if instance is not None else ".jsonl"
+    return f"{OUTLIER_PREFIX}{_partition(model, version, device, start)}/{_stamp(start, part, instance)}{suffix}"
+
+
+def presence_key(device: str, instance: str) -> str:
+    """Where a runtime says it writes as ``device``: two live ones at once are a misconfiguration."""
+    return f"devices/device={device}/writers/{instance}.json"
 
 
 def baseline_key(model: str, version: str) -> str:

@@ -38,6 +38,11 @@ class Health:
     model_version: str = ""
     queue_depth: Callable[[], int] = lambda: 0
     dropped: Callable[[], int] = lambda: 0
+    uploaded: int = 0
+    upload_failures: int = 0
+    writer_conflicts: int = 0
+    replays: int = 0
+    spool: object | None = None  # the Spool, read for pending, bytes, disk_full and quarantined
     score_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     arrival_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _recent_sizes: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -72,6 +77,13 @@ class Health:
             score_latency_ms_p50=self.quantile(self.score_ms, 0.5),
             score_latency_ms_p99=self.quantile(self.score_ms, 0.99),
             swaps=self.swaps,
+            spool_pending=self.spool.pending if self.spool is not None else None,
+            spool_bytes=self.spool.bytes if self.spool is not None else None,
+            disk_full=bool(self.spool is not None and self.spool.disk_full),
+            uploaded=self.uploaded,
+            upload_failures=self.upload_failures,
+            writer_conflicts=self.writer_conflicts,
+            replays=self.replays,
         )
 
     def log_line(self) -> str:
@@ -85,6 +97,10 @@ class Health:
             f"outliers={self.outliers} dropped={self.dropped()} queue={self.queue_depth()} "
             f"windows={self.windows} score_ms_p50={ms(0.5, self.score_ms)} score_ms_p99={ms(0.99, self.score_ms)} "
             f"arrival_to_event_ms_p99={ms(0.99, self.arrival_ms)} uptime_s={self.uptime_s:.0f}"
+            + (f" spool={self.spool.pending}/{self.spool.bytes}B uploaded={self.uploaded} "
+               f"upload_failures={self.upload_failures}" if self.spool is not None else "")
+            + (" DISK_FULL" if self.spool is not None and self.spool.disk_full else "")
+            + (f" WRITER_CONFLICTS={self.writer_conflicts}" if self.writer_conflicts else "")
         )
 
 
@@ -116,6 +132,19 @@ class HealthCollector:
         yield CounterMetricFamily("edgeloop_model_swaps_refused", "Bundles refused at swap", value=h.swaps_refused)
         yield GaugeMetricFamily("edgeloop_queue_depth", "Records waiting in the intake queue", value=h.queue_depth())
         yield GaugeMetricFamily("edgeloop_uptime_seconds", "Seconds since the service started", value=h.uptime_s)
+        yield CounterMetricFamily("edgeloop_uploads", "Objects the store confirmed", value=h.uploaded)
+        yield CounterMetricFamily("edgeloop_upload_failures", "Upload attempts that failed", value=h.upload_failures)
+        yield CounterMetricFamily("edgeloop_writer_conflicts", "Other runtimes seen writing as this device",
+                                  value=h.writer_conflicts)
+        yield CounterMetricFamily("edgeloop_replays", "Window parts not written: input replayed", value=h.replays)
+        if h.spool is not None:
+            sp = h.spool
+            yield GaugeMetricFamily("edgeloop_spool_objects", "Objects waiting for the store", value=sp.pending)
+            yield GaugeMetricFamily("edgeloop_spool_bytes", "Bytes waiting for the store", value=sp.bytes)
+            yield GaugeMetricFamily("edgeloop_disk_full", "1 while the spool cannot write for lack of space",
+                                    value=1 if sp.disk_full else 0)
+            yield CounterMetricFamily("edgeloop_spool_quarantined", "Damaged spool files set aside",
+                                      value=sp.quarantined)
         buckets, cumulative = [], 0
         for bound in BATCH_BUCKETS:
             cumulative += h.batch_sizes.get(bound, 0)

@@ -63,6 +63,7 @@ class Rejection:
     index: int  # position of the record in the payload it came in
     missing: tuple[str, ...] = ()
     nonfinite: tuple[str, ...] = ()
+    nan: tuple[str, ...] = ()  # those of ``nonfinite`` that are NaN (the rest are infinite)
 
 
 @dataclass
@@ -275,8 +276,9 @@ class RecordDecoder:
                 row = np.asarray(values, dtype=np.float32)
             present = [f.name for f in self.features if f.name not in missing]
             nonfinite = [name for name, v in zip(present, row.tolist()) if not math.isfinite(v)]
+            nan = tuple(name for name, v in zip(present, row.tolist()) if math.isnan(v))
             parts = [f"missing {missing}"] + ([f"non-finite {nonfinite}"] if nonfinite else [])
-            return Rejection(Reason.MISSING, "; ".join(parts), i, tuple(missing), tuple(nonfinite))
+            return Rejection(Reason.MISSING, "; ".join(parts), i, tuple(missing), tuple(nonfinite), nan)
         # non-finite values are left to _finish, so every path judges the timestamp first, then values
         return obj, values
 
@@ -325,7 +327,8 @@ class RecordDecoder:
                     i,
                 )
         nonfinite = tuple(name for name, v in zip(self.names, row.tolist()) if not abs(v) <= FLOAT32_MAX)
-        return Rejection(Reason.NON_FINITE, f"non-finite {list(nonfinite)}", i, (), nonfinite)
+        nan = tuple(name for name, v in zip(self.names, row.tolist()) if v != v)
+        return Rejection(Reason.NON_FINITE, f"non-finite {list(nonfinite)}", i, (), nonfinite, nan)
 
 
 def _iso(ts: float) -> str:

@@ -4,32 +4,38 @@ Single-threaded and transport-free: the service (``service.py``) feeds it batche
 sources and calls ``tick`` between them; tests and replays can drive it directly with
 ``process``. Per batch: decode (columnar), score (one ONNX Runtime call per batch), judge
 (threshold), assign windows (event time), update the window summaries (vectorised), write events.
-A closed window's summary goes to the local outbox; the uploader forwards it on its own thread,
-so nothing here waits on the network.
+A closed window's summary goes to the local spool; the uploader forwards it on its own thread,
+so nothing here waits on the network. The open window is checkpointed to the spool every
+``window.checkpoint_s``, so a kill loses at most that much.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from .contracts import MAX_WINDOW_SECONDS, RuntimeConfig, outlier_key, summary_key
+from .contracts import MAX_WINDOW_SECONDS, RuntimeConfig, WindowSummary, outlier_key, summary_key
+from .digest import bytes_digest, rows_digest
 from .frames import FrameError, decode_frame
 from .health import Health
 from .model import Model, load_model
-from .outbox import Outbox
+from .presence import Presence
 from .records import MAX_TS, Decoded, Reason, Rejection, TooLong
 from .scoring import ScoringError
 from .sinks import JsonlSink
 from .sources import Payload
-from .store import ObjectStore, open_store
+from .spool import Spool
+from .store import ObjectStore, store_for
 from .summary import MatrixAccumulator
+from .summary_format import encode
 from .uploader import Uploader
 from .windows import StreamClock, Window, fill_missing_ts, segments, window_start
 
@@ -37,6 +43,8 @@ log = logging.getLogger(__name__)
 
 TS_CEILING = MAX_TS - 2 * MAX_WINDOW_SECONDS  # a window end computed from any accepted ts fits a datetime
 DEAD_LETTER_LINE_MAX = 64 * 1024  # bytes of a rejected line kept in its dead letter
+RECENT_PARTS = 1024  # windows whose next part number is remembered
+SPOOL_CHORES_S = 5.0  # how often the spool drops what is too old and retries writes a full disk refused
 
 
 @dataclass
@@ -61,12 +69,16 @@ class RejectTally:
         self.reasons: Counter = Counter()
         self.missing: Counter = Counter()
         self.nonfinite: Counter = Counter()
+        self.nan: Counter = Counter()
+        self.digest = 0
         self.since: float | None = None
 
-    def add(self, r: Rejection, now: float) -> None:
+    def add(self, r: Rejection, origin: _Origin, now: float) -> None:
         self.reasons[r.code] += 1
         self.missing.update(r.missing)
         self.nonfinite.update(r.nonfinite)
+        self.nan.update(r.nan)
+        self.digest += rejection_digest(origin)
         if self.since is None:
             self.since = now
 
@@ -77,12 +89,29 @@ class RejectTally:
         for code, n in self.reasons.items():
             window.rejected += n
             window.rejected_by_reason[code] += n
-        features = window.features
-        for counts, add in ((self.missing, features.add_missing), (self.nonfinite, features.add_nonfinite)):
-            for name, n in counts.items():
-                if name in window.feature_names:
-                    add(window.feature_names.index(name), n)
+        window.digest += self.digest
+        features, names = window.features, window.feature_names
+        for name, n in self.missing.items():
+            if name in names:
+                features.add_missing(names.index(name), n)
+        for name, n in self.nonfinite.items():
+            if name in names:
+                nan = min(self.nan[name], n)
+                features.add_nonfinite(names.index(name), nan, nan=True)
+                features.add_nonfinite(names.index(name), n - nan)
         self.__init__()
+
+
+def rejection_digest(origin: _Origin) -> int:
+    """A rejected record's part of the window digest: its raw bytes (and where in a frame it was)."""
+    p = origin.payload
+    item = p.items[origin.index] if p.kind == "jsonl" and origin.index < len(p.items) else None
+    if isinstance(item, TooLong):
+        return bytes_digest(b"%d:" % item.size + item.head)
+    if item is not None:
+        return bytes_digest(bytes(item))
+    head = p.items[0][:4096] if p.items else b""
+    return bytes_digest(b"%d:" % origin.index + bytes(head))
 
 
 def _text(value: object) -> str | None:
@@ -132,11 +161,22 @@ class EdgeRuntime:
         self.model = model or load_model(config.bundle, config.scoring, max_batch=config.batch.max_records)
         self.clock = clock
         self.health = health or Health()
-        self.store = store or open_store(config.store.url, config.store.endpoint_url)
-        self.outbox = Outbox(config.sinks.outbox)
-        self.uploader = Uploader(self.outbox, self.store)
-        self.events = JsonlSink(config.sinks.events)
-        self.dead_letter = JsonlSink(config.sinks.dead_letter)
+        self.instance_id = secrets.token_hex(6)  # this run's name in every key it writes
+        self.store = store or store_for(config.store)
+        self.spool = Spool(config.sinks.outbox, config.spool).open()
+        self.health.spool = self.spool
+        presence = (Presence(self.store, config.device_id, self.instance_id, config.store.presence_s)
+                    if config.store.presence_s else None)
+        self.uploader = Uploader(self.spool, self.store, self.health, presence)
+        try:
+            self.events = JsonlSink(config.sinks.events)
+            self.dead_letter = JsonlSink(config.sinks.dead_letter)
+        except BaseException:
+            self.spool.close()
+            raise
+        self._parts: OrderedDict[tuple[str, float], int] = OrderedDict()
+        self._checkpoint_at = time.monotonic()
+        self._chores_at = time.monotonic()
         self.window: Window | None = None
         self.stream = StreamClock()
         self.orphans = RejectTally()
@@ -162,6 +202,7 @@ class EdgeRuntime:
         self.uploader.stop(upload_timeout)
         self.events.close()
         self.dead_letter.close()
+        self.spool.close()
         return self.stats
 
     @property
@@ -237,7 +278,7 @@ class EdgeRuntime:
         else:
             scores = np.empty(0)
         self._dead_letter(rejections)
-        own_ts = ts
+        own_ts = ts  # as the records carried it (NaN where they did not): what the digest hashes
         ts = fill_missing_ts(ts, self.stream.for_missing(now, self.clock()))
         if self.window is not None:
             self._count_rejections(rejections, self.window)
@@ -249,9 +290,9 @@ class EdgeRuntime:
             if rejections:
                 self._count_rejections(rejections, self.window)
                 rejections = []
-            self._account(self.window, seg.lo, seg.hi, seg.late, values, ts, scores, ids, rows, model)
-        for r, _ in rejections:  # no window open and none opened by this batch
-            self.orphans.add(r, now)
+            self._account(self.window, seg.lo, seg.hi, seg.late, values, ts, own_ts, scores, ids, rows, model)
+        for r, origin in rejections:  # no window open and none opened by this batch
+            self.orphans.add(r, origin, now)
         self.stream.observe(ts, now)
         self.stream.note_own(own_ts, now)
         self.events.flush()
@@ -280,8 +321,8 @@ class EdgeRuntime:
         if self.window is not None:
             self._count_rejections(rejections, self.window)
         else:
-            for r, _ in rejections:
-                self.orphans.add(r, time.monotonic())
+            for r, origin in rejections:
+                self.orphans.add(r, origin, time.monotonic())
         for p in payloads:
             if p.ack is not None:
                 p.ack()
@@ -298,6 +339,27 @@ class EdgeRuntime:
         elif self.orphans and now - self.orphans.since >= w.lateness_s + 1.0:
             self._open(window_start(self._orphan_ts(), w.seconds))
             self.stream.observe(np.array([self._orphan_ts()]), now)
+        if (w.checkpoint_s and self.window is not None and self.window.changed
+                and now - self._checkpoint_at >= w.checkpoint_s):
+            self.checkpoint()
+        if now - self._chores_at >= SPOOL_CHORES_S:
+            self._chores_at = now
+            self.spool.expire()
+            if self.spool.disk_full:
+                self.spool.retry_memory()
+                if not self.spool.disk_full:
+                    self.uploader.notify()
+
+    def checkpoint(self) -> None:
+        """Write the open window's state so far to the spool (replacing the last checkpoint): after
+        a kill, the next start ships it as a part of its window."""
+        self._checkpoint_at = time.monotonic()
+        window = self.window
+        if window is None:
+            return
+        summary = self._summary(window, spool_dropped=None)
+        if self.spool.checkpoint(self.instance_id, encode(summary), self._samples(window)):
+            window.changed = False
 
     def _orphan_ts(self) -> float:
         return self.stream.event_ts if self.stream.event_ts is not None else self.clock()
@@ -347,14 +409,17 @@ class EdgeRuntime:
         ok &= ~bad
         return scores, ((ok, failed) if failed else None)
 
-    def _account(self, window: Window, lo: int, hi: int, late: int, values, ts, scores, ids, rows, model) -> None:
+    def _account(self, window: Window, lo: int, hi: int, late: int, values, ts, own_ts, scores, ids, rows,
+                 model) -> None:
         n = hi - lo
         if n <= 0:
             return
         window.features.update(values[lo:hi])
         window.score.update(scores[lo:hi, None])
+        window.digest += rows_digest(values[lo:hi], own_ts[lo:hi])
         window.records += n
         window.late += late
+        window.changed = True
         self.health.scored += n
         flagged = np.flatnonzero(scores[lo:hi] > model.threshold) + lo
         if len(flagged):
@@ -415,23 +480,26 @@ class EdgeRuntime:
 
     def _count_rejections(self, rejections: list[tuple[Rejection, _Origin]], window: Window) -> None:
         names = window.feature_names
-        for r, _ in rejections:
+        for r, origin in rejections:
             window.rejected += 1
             window.rejected_by_reason[r.code] += 1
+            window.digest += rejection_digest(origin)
+            window.changed = True
             for name in r.missing:
                 window.features.add_missing(names.index(name))
             for name in r.nonfinite:
-                window.features.add_nonfinite(names.index(name))
+                window.features.add_nonfinite(names.index(name), nan=name in r.nan)
 
     # -- windows --------------------------------------------------------------------------------
 
     def _open(self, start: float) -> Window:
-        m = self.model
+        m, k = self.model, self.config.window.kll_k
         self.window = Window(
             start=start, end=start + self.config.window.seconds, model_name=m.name, model_version=m.version,
-            feature_names=m.feature_names, features=MatrixAccumulator(m.feature_edges),
-            score=MatrixAccumulator([m.score_edges]),
+            feature_names=m.feature_names, features=MatrixAccumulator(m.feature_edges, k),
+            score=MatrixAccumulator([m.score_edges], k), part=self._next_part(m.version, start),
         )
+        self._checkpoint_at = time.monotonic()
         if self.orphans:
             self.orphans.apply(self.window)
         self._dropped_seen = self._note_drops(self.window)
@@ -442,20 +510,54 @@ class EdgeRuntime:
         window.dropped += dropped - self._dropped_seen
         return dropped
 
+    def _next_part(self, version: str, start: float) -> int:
+        """0 the first time this run opens a window, then 1, 2, ... (a swap back, a late record
+        reopening it): each part its own key. A window forgotten (long ago) gets a clock-based
+        part number, which cannot collide with small ones."""
+        key = (version, start)
+        if key in self._parts:
+            part = self._parts.pop(key) + 1
+        elif len(self._parts) >= RECENT_PARTS and start <= max(s for _, s in self._parts):
+            part = time.time_ns() // 1_000_000
+        else:
+            part = 0
+        self._parts[key] = part
+        while len(self._parts) > RECENT_PARTS:
+            self._parts.popitem(last=False)
+        return part
+
+    def _summary(self, window: Window, spool_dropped) -> WindowSummary:
+        return window.summary(self.config.device_id, self.health.window_header(), self.instance_id, spool_dropped)
+
+    def _samples(self, window: Window) -> bytes:
+        if not window.samples:
+            return b""
+        return gzip.compress(b"\n".join(window.samples) + b"\n", compresslevel=6, mtime=0)
+
     def _close_window(self) -> None:
         window, self.window = self.window, None
         if window is None:
             return
         self._dropped_seen = self._note_drops(window)
-        summary = window.summary(self.config.device_id, self.health.window_header())
-        device = self.config.device_id
-        name, version = window.model_name, window.model_version
-        # a restart (or a swap back) inside a window writes a further part rather than overwrite one
-        part = self.outbox.next_part(summary_key(name, version, device, summary.window_start), window.start)
-        self.outbox.put(summary_key(name, version, device, summary.window_start, part),
-                        summary.model_dump_json().encode())
-        if window.samples:
-            self.outbox.put(outlier_key(name, version, device, summary.window_start, part),
-                            b"\n".join(window.samples) + b"\n")
+        drops = self.spool.take_drops()
+        summary = self._summary(window, drops)
+        name, version, device = window.model_name, window.model_version, self.config.device_id
+        identity = "|".join(map(str, summary.identity))
+        if (summary.records or summary.rejected) and self.spool.seen_before(identity):
+            self.health.replays += 1
+            log.warning("window %s of %s %s: the same %d records were summarised before (input replayed?): "
+                        "not counted again", summary.window_start.isoformat(), name, version,
+                        summary.records + summary.rejected)
+            if drops is not None:
+                self.spool.restore_drops(drops)
+        else:
+            key = summary_key(name, version, device, summary.window_start, window.part, self.instance_id)
+            if not self.spool.put(key, encode(summary), summary.records) and drops is not None:
+                self.spool.restore_drops(drops)
+            samples = self._samples(window)
+            if samples:
+                self.spool.put(outlier_key(name, version, device, summary.window_start, window.part,
+                                           self.instance_id), samples)
+        self.spool.clear_checkpoint(self.instance_id)
         self.health.windows += 1
         self.uploader.notify()

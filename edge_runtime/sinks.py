@@ -1,35 +1,74 @@
 """Local JSON-lines sinks: outlier events and the dead-letter file.
 
 Writes are buffered and flushed once per batch (``flush``), not once per line: an outlier storm
-costs one system call per batch, and a crash loses at most the batch in flight.
+costs one system call per batch, and a crash loses at most the batch in flight. A full disk
+does not stop the service: the lines that could not be written are counted (``lost``) and
+logged once, and writing resumes when space returns (a line cut short by the full disk is ended
+with a newline first, so it stands alone as one unreadable line).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import orjson
+
+log = logging.getLogger(__name__)
+
+FLUSH_BYTES = 1 << 20
 
 
 class JsonlSink:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "ab", buffering=1 << 20)  # flushed per batch, not per 8 KiB
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._buf: list[bytes] = []
+        self._size = 0
+        self._torn = False
         self.written = 0
+        self.lost = 0
+        self.failing: str | None = None
 
     def write_raw(self, line: bytes) -> None:
         """One JSON document, already serialised, without its newline."""
-        self._fh.write(line + b"\n")
+        self._buf.append(line + b"\n")
+        self._size += len(line) + 1
         self.written += 1
+        if self._size >= FLUSH_BYTES:
+            self.flush()
 
     def write(self, obj: dict) -> None:
         self.write_raw(orjson.dumps(obj))
         self.flush()
 
     def flush(self) -> None:
-        self._fh.flush()
+        if not self._buf or self._fd is None:
+            return
+        data = b"".join(([b"\n"] if self._torn else []) + self._buf)
+        lines = len(self._buf)
+        self._buf, self._size = [], 0
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+        except OSError as err:
+            self.lost += lines - data[:done].count(b"\n") + (1 if self._torn and done else 0)
+            self._torn = done > 0 and data[done - 1:done] != b"\n" or (self._torn and done == 0)
+            if not self.failing:
+                log.error("%s: %s; lines are counted as lost until it can be written again", self.path,
+                          err.strerror)
+            self.failing = err.strerror or str(err)
+            return
+        self._torn = False
+        if self.failing:
+            log.warning("%s: writing again (%d lines lost meanwhile)", self.path, self.lost)
+            self.failing = None
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fd is not None:
+            self.flush()
+            os.close(self._fd)
+            self._fd = None

@@ -22,10 +22,16 @@ class ObjectNotFound(KeyError):
     """No object under that key."""
 
 
+class ObjectExists(Exception):
+    """A put with ``if_absent`` found an object already under that key (S3: 412 Precondition Failed)."""
+
+
 class ObjectStore(Protocol):
     url: str
 
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key``; with ``if_absent``, raise ObjectExists rather than overwrite."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -51,7 +57,7 @@ class LocalStore:
         self.url = str(self.root)
         self.durable = durable
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, if_absent: bool = False) -> None:
         path = self.root / _check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # write-then-rename so a reader never sees half an object
@@ -62,7 +68,17 @@ class LocalStore:
                 if self.durable:
                     fh.flush()
                     os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    raise ObjectExists(key) from None
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+            if self.durable:
+                fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -72,6 +88,9 @@ class LocalStore:
             return (self.root / _check_key(key)).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+
+    def delete(self, key: str) -> None:
+        (self.root / _check_key(key)).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         if not self.root.is_dir():
@@ -83,10 +102,27 @@ class LocalStore:
                     yield key
 
 
-class S3Store:
-    """``s3://bucket/prefix`` through boto3."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, url: str, endpoint_url: str | None = None, client=None) -> None:
+
+class S3Store:
+    """``s3://bucket/prefix`` through boto3.
+
+    Credentials come from boto3's default chain (under Greengrass, the Token Exchange Service's
+    ``AWS_CONTAINER_CREDENTIALS_FULL_URI``). Requests have short timeouts and one attempt each:
+    the device's uploader retries with its own backoff, so a hung store costs one timeout, not
+    several stacked ones. Objects above ``multipart_threshold`` go in parts.
+    """
+
+    def __init__(self, url: str, endpoint_url: str | None = None, client=None, *, sse: str | None = None,
+                 kms_key_id: str | None = None, multipart_threshold: int = 16 << 20,
+                 connect_timeout: float = 3.0, read_timeout: float = 10.0, retries: int = 3) -> None:
         import boto3
         from botocore.config import Config
 
@@ -96,8 +132,17 @@ class S3Store:
             raise ValueError(f"no bucket in {url!r}")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = url
-        # bounded timeouts: a device on a bad link must fail fast and leave data in its outbox
-        config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+        self.multipart_threshold = multipart_threshold
+        self.part_size = max(8 << 20, multipart_threshold // 2)
+        self._sse: dict[str, str] = {}
+        if sse:
+            self._sse["ServerSideEncryption"] = sse
+            if kms_key_id:
+                if sse != "aws:kms":
+                    raise ValueError("kms_key_id needs sse: aws:kms")
+                self._sse["SSEKMSKeyId"] = kms_key_id
+        config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                        retries={"total_max_attempts": retries, "mode": "standard"}, tcp_keepalive=True)
         self.client = client or boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
     def _call(self, fn, **kwargs):
@@ -108,8 +153,41 @@ class S3Store:
         except (BotoCoreError, ClientError) as err:
             raise StoreError(f"{self.url}: {err}") from err
 
-    def put(self, key: str, data: bytes) -> None:
-        self._call(self.client.put_object, Key=self.prefix + _check_key(key), Body=data)
+    def put(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        from botocore.exceptions import ClientError
+
+        full = self.prefix + _check_key(key)
+        cond = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            if len(data) > self.multipart_threshold:
+                self._put_multipart(full, data, cond)
+            else:
+                self._call(self.client.put_object, Key=full, Body=data, **cond, **self._sse)
+        except StoreError as err:
+            cause = err.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise ObjectExists(key) from None
+            raise
+
+    def _put_multipart(self, full: str, data: bytes, cond: dict) -> None:
+        upload = self._call(self.client.create_multipart_upload, Key=full, **self._sse)["UploadId"]
+        try:
+            parts = []
+            for no, lo in enumerate(range(0, len(data), self.part_size), start=1):
+                chunk = data[lo:lo + self.part_size]
+                etag = self._call(self.client.upload_part, Key=full, UploadId=upload, PartNumber=no, Body=chunk)["ETag"]
+                parts.append({"PartNumber": no, "ETag": etag})
+            self._call(self.client.complete_multipart_upload, Key=full, UploadId=upload,
+                       MultipartUpload={"Parts": parts}, **cond)
+        except BaseException:
+            try:  # parts left behind cost storage until a lifecycle rule removes them
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+            except Exception:
+                pass
+            raise
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Key=self.prefix + _check_key(key))
 
     def get(self, key: str) -> bytes:
         try:
@@ -131,7 +209,15 @@ class S3Store:
             raise StoreError(f"{self.url}: {err}") from err
 
 
-def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
+def open_store(url: str, endpoint_url: str | None = None, **s3_options) -> ObjectStore:
+    """``s3_options``: S3Store's keyword options (encryption, multipart, timeouts); ignored locally."""
     if url.startswith("s3://"):
-        return S3Store(url, endpoint_url=endpoint_url)
+        return S3Store(url, endpoint_url=endpoint_url, **s3_options)
     return LocalStore(url.removeprefix("file://"))
+
+
+def store_for(config) -> ObjectStore:
+    """The store a runtime configuration names (``StoreConfig``), for the device's uploader."""
+    return open_store(config.url, config.endpoint_url, sse=config.sse, kms_key_id=config.kms_key_id,
+                      multipart_threshold=config.multipart_threshold_mb << 20,
+                      connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s, retries=1)

@@ -8,37 +8,53 @@ into one with the same meaning, so the cloud can roll windows up into days, devi
 
 from __future__ import annotations
 
-import base64
 import math
 
 import numpy as np
-from datasketches import kll_doubles_sketch
+from datasketches import kll_doubles_sketch, kll_floats_sketch
 
 from .contracts import NumericSummary
 
-KLL_K = 200  # DataSketches' default: about 1.65% normalised rank error
+KLL_K = 200  # DataSketches' default: about 1.33% normalised rank error for single quantiles
 
 
-def encode_sketch(sketch: kll_doubles_sketch) -> str:
-    return base64.b64encode(sketch.serialize()).decode("ascii")
+def new_sketch(k: int = KLL_K) -> kll_floats_sketch:
+    """Device data is float32, so the float sketch: half the bytes of the doubles one."""
+    return kll_floats_sketch(k)
 
 
-def decode_sketch(text: str | None) -> kll_doubles_sketch:
-    if not text:
-        return kll_doubles_sketch(KLL_K)
-    return kll_doubles_sketch.deserialize(base64.b64decode(text))
+def decode_sketch(summary: NumericSummary) -> kll_floats_sketch | kll_doubles_sketch:
+    """The summary's sketch, of the type it was written with (doubles before version 3)."""
+    if summary.kll_type == "f64":
+        return kll_doubles_sketch.deserialize(summary.kll) if summary.kll else kll_doubles_sketch(KLL_K)
+    return kll_floats_sketch.deserialize(summary.kll) if summary.kll else new_sketch()
+
+
+def as_floats_sketch(summary: NumericSummary, k: int = KLL_K) -> kll_floats_sketch:
+    """The summary's sketch as a float sketch, for merging: a version-2 doubles sketch is rebuilt
+    from its retained items and their weights (its guarantees carry over to the new sketch)."""
+    sketch = decode_sketch(summary)
+    if isinstance(sketch, kll_floats_sketch):
+        return sketch
+    out = kll_floats_sketch(max(sketch.k, 8) if not sketch.is_empty() else k)
+    if not sketch.is_empty():
+        items = np.fromiter((x for x, _ in sketch), dtype=np.float64)
+        weights = np.fromiter((w for _, w in sketch), dtype=np.int64)
+        out.update(np.repeat(items, weights).astype(np.float32))
+    return out
 
 
 class SeriesAccumulator:
     """Accumulates one numeric series batch by batch; ``summary()`` freezes it."""
 
-    def __init__(self, hist_edges: list[float] | np.ndarray) -> None:
+    def __init__(self, hist_edges: list[float] | np.ndarray, k: int = KLL_K) -> None:
         self.edges = np.asarray(hist_edges, dtype=np.float64)
         self.hist = np.zeros(len(self.edges) + 1, dtype=np.int64)
-        self.sketch = kll_doubles_sketch(KLL_K)
+        self.sketch = new_sketch(k)
         self.count = 0
         self.missing = 0
-        self.nonfinite = 0
+        self.nan = 0
+        self.inf = 0
         self.min = math.inf
         self.max = -math.inf
         self.mean = 0.0
@@ -47,21 +63,24 @@ class SeriesAccumulator:
     def add_missing(self, n: int = 1) -> None:
         self.missing += n
 
-    def add_nonfinite(self, n: int = 1) -> None:
-        self.nonfinite += n
+    def add_nonfinite(self, n: int = 1, nan: bool = False) -> None:
+        if nan:
+            self.nan += n
+        else:
+            self.inf += n
 
     def update(self, values: np.ndarray) -> None:
-        """Add finite values; NaN counts as missing, +-Inf as non-finite."""
+        """Add finite values; NaN and +-Inf are counted apart."""
         values = np.asarray(values, dtype=np.float64).ravel()
         nan = np.isnan(values)
         inf = np.isinf(values)
-        self.missing += int(nan.sum())
-        self.nonfinite += int(inf.sum())
+        self.nan += int(nan.sum())
+        self.inf += int(inf.sum())
         values = values[~(nan | inf)]
         n = values.size
         if n == 0:
             return
-        self.sketch.update(values)
+        self.sketch.update(values.astype(np.float32))
         # np.searchsorted with side="right": a value equal to an edge falls in the bin above it
         self.hist += np.bincount(
             np.searchsorted(self.edges, values, side="right"), minlength=len(self.hist)
@@ -83,25 +102,30 @@ class SeriesAccumulator:
         return NumericSummary(
             count=self.count,
             missing=self.missing,
-            nonfinite=self.nonfinite,
+            nonfinite=self.nan + self.inf,
+            nan=self.nan,
+            inf=self.inf,
             min=self.min if has else None,
             max=self.max if has else None,
             mean=self.mean if has else None,
             variance=self.m2 / self.count if has else None,
             hist_edges=self.edges.tolist(),
             hist_counts=self.hist.tolist(),
-            kll=encode_sketch(self.sketch) if has else None,
+            kll=self.sketch.serialize() if has else None,
+            kll_type="f32",
         )
 
     def merge(self, other: NumericSummary) -> None:
         if list(other.hist_edges) != self.edges.tolist():
             raise ValueError("cannot merge summaries with different histogram edges")
         self.missing += other.missing
-        self.nonfinite += other.nonfinite
+        # before version 3 NaN and Inf were one count: it goes to inf, which keeps nan + inf right
+        self.nan += other.nan
+        self.inf += other.inf if (other.nan or other.inf) else other.nonfinite
         if other.count == 0:
             return
         self.hist += np.asarray(other.hist_counts, dtype=np.int64)
-        self.sketch.merge(decode_sketch(other.kll))
+        self.sketch.merge(as_floats_sketch(other))
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         self._combine(other.count, other.mean, other.variance * other.count)
@@ -111,10 +135,14 @@ def merge_summaries(summaries: list[NumericSummary]) -> NumericSummary:
     """One summary with the meaning of all of them together."""
     if not summaries:
         raise ValueError("nothing to merge")
-    acc = SeriesAccumulator(summaries[0].hist_edges)
+    acc = SeriesAccumulator(summaries[0].hist_edges, max(_k(s) for s in summaries))
     for s in summaries:
         acc.merge(s)
     return acc.summary()
+
+
+def _k(summary: NumericSummary) -> int:
+    return decode_sketch(summary).k if summary.kll else KLL_K
 
 
 def summarise(values: np.ndarray, hist_edges: list[float] | np.ndarray) -> NumericSummary:
@@ -135,7 +163,7 @@ class MatrixAccumulator:
     ``add_nonfinite``.
     """
 
-    def __init__(self, edges: list[list[float]]) -> None:
+    def __init__(self, edges: list[list[float]], k: int = KLL_K) -> None:
         f = len(edges)
         width = max((len(e) for e in edges), default=0)
         self.n_edges = [len(e) for e in edges]
@@ -144,10 +172,11 @@ class MatrixAccumulator:
         for j, e in enumerate(edges):
             self.edges[j, : len(e)] = e
         self.hist = np.zeros((f, width + 1), dtype=np.int64)
-        self.sketches = [kll_doubles_sketch(KLL_K) for _ in range(f)]
+        self.sketches = [new_sketch(k) for _ in range(f)]
         self.count = 0
         self.missing = np.zeros(f, dtype=np.int64)
-        self.nonfinite = np.zeros(f, dtype=np.int64)
+        self.nan = np.zeros(f, dtype=np.int64)
+        self.inf = np.zeros(f, dtype=np.int64)
         self.min = np.full(f, np.inf)
         self.max = np.full(f, -np.inf)
         self.mean = np.zeros(f)
@@ -165,8 +194,8 @@ class MatrixAccumulator:
     def add_missing(self, column: int, n: int = 1) -> None:
         self.missing[column] += n
 
-    def add_nonfinite(self, column: int, n: int = 1) -> None:
-        self.nonfinite[column] += n
+    def add_nonfinite(self, column: int, n: int = 1, nan: bool = False) -> None:
+        (self.nan if nan else self.inf)[column] += n
 
     def _fold(self) -> None:
         """Fold the buffered rows in: one sort per column pays for everything else. Sorted, a
@@ -178,6 +207,7 @@ class MatrixAccumulator:
         cols = np.concatenate(self._buffer).T.copy()  # (f, n), each row contiguous
         self._buffer, self._buffered = [], 0
         cols.sort(axis=1)  # in the input's precision (float32 from the decoder): half the bytes to move
+        narrow = cols if cols.dtype == np.float32 else cols.astype(np.float32)  # what the float sketch takes
         cols = cols.astype(np.float64, copy=False)
         n = cols.shape[1]
         mean = cols.mean(axis=1)
@@ -191,7 +221,7 @@ class MatrixAccumulator:
         np.maximum(self.max, cols[:, -1], out=self.max)
         for j, (sketch, k) in enumerate(zip(self.sketches, self.n_edges)):
             col = cols[j]
-            sketch.update(col)
+            sketch.update(narrow[j])
             # values below edge i: bins are [edge[i-1], edge[i]), as np.searchsorted(side="right") puts them
             bounds = np.empty(k + 2, dtype=np.int64)
             bounds[0], bounds[-1] = 0, n
@@ -206,13 +236,16 @@ class MatrixAccumulator:
             out.append(NumericSummary(
                 count=self.count,
                 missing=int(self.missing[j]),
-                nonfinite=int(self.nonfinite[j]),
+                nonfinite=int(self.nan[j] + self.inf[j]),
+                nan=int(self.nan[j]),
+                inf=int(self.inf[j]),
                 min=float(self.min[j]) if has else None,
                 max=float(self.max[j]) if has else None,
                 mean=float(self.mean[j]) if has else None,
                 variance=float(self.m2[j] / self.count) if has else None,
                 hist_edges=self.edges[j, :k].tolist(),
                 hist_counts=self.hist[j, : k + 1].tolist(),
-                kll=encode_sketch(self.sketches[j]) if has else None,
+                kll=self.sketches[j].serialize() if has else None,
+                kll_type="f32",
             ))
         return out

@@ -1,10 +1,12 @@
-"""The uploader: forwards the outbox to the object store on its own thread.
+"""The uploader: forwards the spool to the object store on its own thread.
 
-Scoring hands a finished summary to the local outbox and goes on; this thread wakes when told
-there is something new, or when its backoff after a failure runs out, and uploads what it can.
-After a failed flush it waits (doubling from 5 s to 5 min, with jitter) so an unreachable store
-costs nothing per window. Without ``start()`` it does nothing until ``stop()``, which makes one
-last synchronous attempt: the form the tests and one-shot replays use.
+Scoring hands a finished object to the spool and goes on; this thread sends one object at a
+time, summaries first, and removes each only after the store confirmed it. Every put is
+conditional (``If-None-Match: *``): keys are unique per writer instance and part, so an existing
+object is either this very object (a retry whose answer was lost: fine) or a second writer
+under the same name (a conflict: logged loudly, counted, the file kept aside, nothing
+overwritten). A failed attempt backs off exponentially with jitter, counted from when the
+attempt ended; each request has short timeouts, so a hung store costs one timeout per attempt.
 """
 
 from __future__ import annotations
@@ -14,86 +16,172 @@ import random
 import threading
 import time
 
-from .outbox import FlushResult, Outbox
-from .store import ObjectStore
+from .health import Health
+from .presence import Presence
+from .spool import Damaged, Entry, Spool, verify
+from .store import ObjectExists, ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START_S = 5.0
-BACKOFF_MAX_S = 300.0
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 60.0
 
 
 class Uploader:
-    def __init__(self, outbox: Outbox, store: ObjectStore) -> None:
-        self.outbox = outbox
+    def __init__(self, spool: Spool, store: ObjectStore, health: Health | None = None,
+                 presence: Presence | None = None, backoff_max_s: float = BACKOFF_MAX_S) -> None:
+        self.spool = spool
         self.store = store
+        self.health = health or Health()
+        self.presence = presence
+        self.backoff_max_s = backoff_max_s
         self.sent = 0
-        self.pending = 0
-        self.attempts = 0
+        self.failures = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._down_since: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.spool.pending
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="edgeloop-uploader", daemon=True)
         self._thread.start()
 
     def notify(self) -> None:
-        """Something new is in the outbox."""
+        """Something new is in the spool."""
         self._wake.set()
 
-    def flush(self) -> FlushResult:
-        self.attempts += 1
-        result = self.outbox.flush(self.store)
-        self.sent += result.sent
-        self.pending = result.pending
-        if result.failed:
-            self._backoff = min(self._backoff * 2 if self._backoff else BACKOFF_START_S, BACKOFF_MAX_S)
-            self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
+    # -- one object -------------------------------------------------------------------------------
+
+    def send_one(self) -> bool | None:
+        """Send the next object. True: sent (or settled); False: the store failed (back off);
+        None: nothing to send."""
+        e = self.spool.next()
+        if e is None:
+            return None
+        try:
+            data = self.spool.read(e)
+            if data is None:
+                return True  # dropped by the spool's policy meanwhile
+            try:
+                verify(e.key, data)
+            except Damaged as err:
+                self.spool.quarantine(e, f"damaged ({err})")
+                return True
+            return self._put(e, data)
+        finally:
+            self.spool.release()
+
+    def _put(self, e: Entry, data: bytes) -> bool:
+        try:
+            self.store.put(e.key, data, if_absent=True)
+        except ObjectExists:
+            return self._settle_existing(e, data)
+        except Exception as err:  # any transport or service failure: keep the file, back off
+            self._failed(e, err)
+            return False
+        self.spool.done(e)
+        self._ok()
+        return True
+
+    def _settle_existing(self, e: Entry, data: bytes) -> bool:
+        try:
+            existing = self.store.get(e.key)
+        except ObjectNotFound:
+            return False  # gone again (a lifecycle rule?): retry the put
+        except Exception as err:
+            self._failed(e, err)
+            return False
+        if existing == data:  # our own earlier attempt landed; its answer did not
+            self.spool.done(e)
+            self._ok()
+            return True
+        self.health.writer_conflicts += 1
+        log.error("CONFLICT: %s already holds a different object: another runtime writes as this device with "
+                  "this instance id; ours is kept in the spool's .conflicts folder, theirs is not overwritten",
+                  e.key)
+        self.spool.set_aside_conflict(e, "a different object exists under this key in the store")
+        return True
+
+    def _ok(self) -> None:
+        self.sent += 1
+        self.health.uploaded += 1
+        if self._down_since is not None:
+            log.info("store %s reachable again after %.0f s", self.store.url, time.monotonic() - self._down_since)
+            self._down_since = None
+        self._backoff = self._retry_at = 0.0
+
+    def _failed(self, e: Entry, err: BaseException) -> None:
+        self.failures += 1
+        self.health.upload_failures += 1
+        self._backoff = min(self._backoff * 2 if self._backoff else BACKOFF_START_S, self.backoff_max_s)
+        # counted from the end of the attempt, so a slow failure (a timeout) does not shorten the wait
+        self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("store %s: %s not sent (%s); %d objects wait in the spool, retrying with backoff",
+                        self.store.url, e.key, err, self.spool.pending)
         else:
-            self._backoff = self._retry_at = 0.0
-        return result
+            log.debug("store still failing (%s); next try in %.1f s", err, self._backoff)
+
+    # -- the thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            wait = max(self._retry_at - time.monotonic(), 0.0) if self._retry_at else None
-            woke = self._wake.wait(wait)
-            if self._stopping.is_set():
-                break
-            if woke and self._retry_at and time.monotonic() < self._retry_at:
-                # new objects during a backoff wait for it: the store is probably still down
-                self._wake.clear()
-                continue
-            self._wake.clear()
+            if self._retry_at:
+                wait = self._retry_at - time.monotonic()
+                if wait > 0:
+                    self._stopping.wait(wait)
+                    continue
+            if self.presence is not None and self._down_since is None:
+                self.presence.maybe_announce(self.health)
             try:
-                self.flush()
+                result = self.send_one()
             except Exception:  # never let one bad object or a store bug end forwarding
-                log.exception("uploader: flush failed")
+                log.exception("uploader: unexpected error; backing off")
                 self._retry_at = time.monotonic() + BACKOFF_START_S
+                continue
+            if result is None:
+                self._wake.wait(self.presence.due_in() if self.presence is not None else None)
+                self._wake.clear()
 
     def stop(self, timeout: float) -> None:
         """One last attempt to forward everything, bounded by ``timeout``: what is not sent stays
-        in the outbox, durable, for the next start."""
+        in the spool, durable, for the next start."""
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive():  # still inside a flush against a store that hangs
-                log.warning("uploader: store did not answer within %.0fs; %d objects stay in the outbox",
-                            timeout, len(self.outbox.pending()))
+            if self._thread.is_alive():  # inside a request to a store that hangs
+                self._left(timeout)
                 return
-        final = threading.Thread(target=self._final, name="edgeloop-uploader-final", daemon=True)
+        final = threading.Thread(target=self._final, args=(deadline,), name="edgeloop-uploader-final", daemon=True)
         final.start()
         final.join(max(deadline - time.monotonic(), 0.1))
-        if final.is_alive():
-            log.warning("uploader: store did not answer within %.0fs; %d objects stay in the outbox",
-                        timeout, len(self.outbox.pending()))
+        if final.is_alive() or self.spool.pending:
+            self._left(timeout)
 
-    def _final(self) -> None:
-        try:
-            self.flush()
-        except Exception:
-            log.exception("uploader: final flush failed")
+    def _final(self, deadline: float) -> None:
+        self._retry_at = 0.0
+        while time.monotonic() < deadline:
+            try:
+                result = self.send_one()
+            except Exception:
+                log.exception("uploader: final upload failed")
+                return
+            if result is None:  # all sent: this instance stops writing
+                if self.presence is not None:
+                    self.presence.withdraw()
+                return
+            if result is False:
+                return
+
+    def _left(self, timeout: float) -> None:
+        log.warning("uploader: %d objects stay in the spool for the next start (store %s, %.0f s allowed)",
+                    self.spool.pending, self.store.url, timeout)

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .contracts import WindowHealth, WindowSummary
+from .contracts import SpoolDrops, WindowHealth, WindowSummary
+from .digest import hexdigest
 from .summary import MatrixAccumulator
 
 
@@ -44,12 +45,20 @@ class Window:
     dropped: int = 0
     rejected_by_reason: Counter = field(default_factory=Counter)
     samples: list[bytes] = field(default_factory=list)
+    part: int = 0
+    digest: int = 0  # sum of the counted records' hashes (``digest``), to recognise a replay
+    changed: bool = False  # since the last checkpoint
 
-    def summary(self, device_id: str, health: WindowHealth | None) -> WindowSummary:
+    def summary(self, device_id: str, health: WindowHealth | None, instance_id: str | None = None,
+                spool_dropped: SpoolDrops | None = None) -> WindowSummary:
         return WindowSummary(
             model_name=self.model_name,
             model_version=self.model_version,
             device_id=device_id,
+            instance_id=instance_id,
+            part=self.part,
+            records_digest=hexdigest(self.digest),
+            spool_dropped=spool_dropped,
             window_start=datetime.fromtimestamp(self.start, tz=timezone.utc),
             window_end=datetime.fromtimestamp(self.end, tz=timezone.utc),
             records=self.records,

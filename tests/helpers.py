@@ -42,3 +42,17 @@ def bundle_copy(src: Path, dst: Path, version: str, **manifest_changes) -> Path:
         node[leaf] = value
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
+
+
+def window_name(key: str) -> str:
+    """A summary or sample key's last part without the writer's instance id: '<start>-p<part>'."""
+    import re
+
+    name = key.rsplit("/", 1)[-1]
+    return re.sub(r"-[0-9a-f]{12}-p(\d+)\.(elws|jsonl\.gz)$", r"-p\1", name)
+
+
+def read_samples(data: bytes) -> list[dict]:
+    import gzip
+
+    return [json.loads(line) for line in gzip.decompress(data).splitlines() if line]

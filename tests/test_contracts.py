@@ -71,10 +71,15 @@ def test_cli_reports_missing_key_and_exits_nonzero(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"edgeloop run: error: {cfg}: missing key 'device_id'"]
 
 
-def test_version_1_summaries_are_still_read_and_version_2_carries_health():
+def test_json_summaries_of_versions_1_and_2_are_still_read_and_merge_with_version_3():
+    import base64
     import json
 
+    import numpy as np
+    from datasketches import kll_doubles_sketch
+
     from edge_runtime.contracts import SUMMARY_SCHEMA_VERSION, load_summary
+    from edge_runtime.summary import decode_sketch, merge_summaries, summarise
 
     empty = {"count": 0, "missing": 0, "nonfinite": 0, "hist_edges": [], "hist_counts": [0]}
     v1 = {"schema_version": 1, "model_name": "m", "model_version": "1.0.0", "device_id": "d",
@@ -82,6 +87,22 @@ def test_version_1_summaries_are_still_read_and_version_2_carries_health():
           "records": 3, "rejected": 1, "late": 0, "outliers": 0, "features": {"a": empty}, "score": empty}
     old = load_summary(json.dumps(v1), "v1.json")
     assert old.schema_version == 1 and old.health is None and old.rejected_by_reason == {}
-    assert SUMMARY_SCHEMA_VERSION == 2
+    assert old.instance_id is None and old.records_digest is None
+    assert SUMMARY_SCHEMA_VERSION == 3
     with pytest.raises(ContractError, match="schema_version"):
-        load_summary(json.dumps({**v1, "schema_version": 3}), "v3.json")
+        load_summary(json.dumps({**v1, "schema_version": 4}), "v4.json")
+    # a version-2 series: base64 of a doubles sketch, NaN and Inf in one count
+    x = np.arange(1000, dtype=np.float64)
+    sketch = kll_doubles_sketch(200)
+    sketch.update(x)
+    series = {"count": 1000, "missing": 0, "nonfinite": 2, "min": 0.0, "max": 999.0, "mean": float(x.mean()),
+              "variance": float(x.var()), "hist_edges": [500.0], "hist_counts": [500, 500],
+              "kll": base64.b64encode(sketch.serialize()).decode()}
+    v2 = load_summary(json.dumps({**v1, "schema_version": 2, "features": {"a": series}, "score": series}), "v2")
+    assert v2.features["a"].kll_type == "f64" and decode_sketch(v2.features["a"]).n == 1000
+    newer = summarise(np.arange(1000, 2000, dtype=np.float64), [500.0])
+    merged = merge_summaries([v2.features["a"], newer])
+    assert merged.count == 2000 and merged.hist_counts == [500, 1500] and merged.kll_type == "f32"
+    assert merged.nonfinite == merged.inf == 2  # the old single count carried over
+    assert decode_sketch(merged).n == 2000
+    assert abs(decode_sketch(merged).get_quantile(0.5) - 1000) < 2000 * 0.03

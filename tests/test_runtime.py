@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import normal_rows, read_jsonl, record_line
+from helpers import normal_rows, read_jsonl, read_samples, record_line, window_name
 
 from cloud import synthetic
 from edge_runtime.bundle import BundleError
@@ -30,17 +30,17 @@ def test_runtime_flags_outliers_summarises_windows_and_syncs(make_config, tmp_pa
 
     store = LocalStore(tmp_path / "store")
     keys = sorted(store.list("summaries/"))
-    assert keys == [
-        "summaries/model=sensor-outliers/version=1.0.0/device=dev-test/date=2026-11-01/20261101T000000Z.json",
-        "summaries/model=sensor-outliers/version=1.0.0/device=dev-test/date=2026-11-01/20261101T010000Z.json",
-    ]
+    prefix = "summaries/model=sensor-outliers/version=1.0.0/device=dev-test/date=2026-11-01/"
+    assert [k.startswith(prefix) for k in keys] == [True, True]
+    assert [window_name(k) for k in keys] == ["20261101T000000Z-p0", "20261101T010000Z-p0"]
     first, second = (load_summary(store.get(k), k) for k in keys)
+    assert first.instance_id == second.instance_id == rt.instance_id and first.schema_version == 3
     assert (first.records, second.records) == (120, 80)
     assert first.features["rpm"].count == 120
     assert first.features["rpm"].mean == pytest.approx(float(rows[:120, 5].astype(np.float64).mean()), rel=1e-6)
     assert first.outliers + second.outliers == stats.outliers
     samples = [k for k in store.list("outliers/")]
-    assert samples and "r50" in store.get(samples[0]).decode()
+    assert samples and "r50" in {e["id"] for e in read_samples(store.get(samples[0]))}
     assert not list(LocalStore(tmp_path / "outbox").list())  # everything forwarded
 
 
@@ -85,11 +85,11 @@ class FlakyStore(LocalStore):
     online = False
     attempts = 0
 
-    def put(self, key, data):
+    def put(self, key, data, if_absent=False):
         self.attempts += 1
         if not self.online:
             raise StoreError("network is unreachable")
-        super().put(key, data)
+        super().put(key, data, if_absent)
 
 
 def test_store_and_forward_loses_nothing_while_offline(make_config, tmp_path):
@@ -155,7 +155,9 @@ def test_a_restart_inside_a_window_adds_a_part_instead_of_overwriting(make_confi
         with EdgeRuntime(make_config()) as rt:
             rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(chunk))
     got = summaries(tmp_path)
-    assert sorted(k.rsplit("/", 1)[1] for k in got) == ["20261101T000000Z-part1.json", "20261101T000000Z.json"]
+    # each run writes under its own instance id: two parts of one window, neither overwritten
+    assert sorted(window_name(k) for k in got) == ["20261101T000000Z-p0", "20261101T000000Z-p0"]
+    assert len({s.instance_id for s in got.values()}) == 2
     assert sum(s.records for s in got.values()) == 150
     register(make_config().bundle, LocalStore(tmp_path / "store"))
     (report,), _ = fleet_drift(LocalStore(tmp_path / "store"))

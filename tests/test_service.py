@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, bundle_copy, normal_rows, read_jsonl, record_line
+from helpers import REPO, bundle_copy, normal_rows, read_jsonl, record_line, window_name
 
 from cloud import synthetic
 from edge_runtime.batcher import IntakeQueue
@@ -187,7 +187,7 @@ def test_a_quiet_device_ships_its_window_on_the_wall_clock(make_config, tmp_path
         got = wait_for(lambda: summaries(tmp_path), timeout=8)
         (s,) = got.values()
         assert s.records == 1 and (s.window_end - s.window_start).total_seconds() == 2
-        assert s.schema_version == 2 and s.health.scored == 1 and s.health.provider == "CPUExecutionProvider"
+        assert s.schema_version == 3 and s.health.scored == 1 and s.health.provider == "CPUExecutionProvider"
         assert svc.runtime.window is None
 
 
@@ -585,17 +585,20 @@ def test_records_without_timestamps_still_move_through_windows_on_the_wall_clock
     assert all(s.records == 6 for s in got.values())
 
 
-def test_a_window_reopened_after_its_part_was_forgotten_never_overwrites(tmp_path, monkeypatch):
-    from edge_runtime import outbox as outbox_module
-    from edge_runtime.outbox import Outbox
+def test_a_window_reopened_after_its_part_was_forgotten_never_overwrites(make_config, monkeypatch):
+    from edge_runtime import runtime as runtime_module
+    from edge_runtime.runtime import EdgeRuntime
 
-    monkeypatch.setattr(outbox_module, "RECENT_KEYS", 3)
-    box = Outbox(str(tmp_path / "outbox"))
-    assert [box.next_part(f"k{i}", float(i)) for i in range(5)] == [0] * 5  # k0 and k1 are forgotten
-    assert box.next_part("k4", 4.0) == 1
-    reopened = box.next_part("k0", 0.0)
-    assert reopened > 1_000_000_000_000  # a part of its own, not 0: k0.json may already be in the store
-    assert box.next_part("k9", 9.0) == 0  # newer than anything forgotten: numbering as usual
+    monkeypatch.setattr(runtime_module, "RECENT_PARTS", 3)
+    rt = EdgeRuntime(make_config())
+    try:
+        assert [rt._next_part("1.0.0", float(i)) for i in range(5)] == [0] * 5  # windows 0 and 1 are forgotten
+        assert rt._next_part("1.0.0", 4.0) == 1
+        reopened = rt._next_part("1.0.0", 0.0)
+        assert reopened > 1_000_000_000_000  # a part of its own, not 0: part 0 may already be in the store
+        assert rt._next_part("1.0.0", 9.0) == 0  # newer than anything forgotten: numbering as usual
+    finally:
+        rt.close()
 
 
 def test_an_unreadable_config_at_reload_is_refused_and_serving_goes_on(make_config, bundle_dir, tmp_path, caplog):
@@ -677,7 +680,7 @@ def test_parse_workers_give_the_same_results_as_parsing_in_the_engine(make_confi
                                     "outbox": str(d / "outbox")}, store={"url": str(d / "store")})
         stats = run_file(config, src)
         store = LocalStore(d / "store")
-        sums = {k: load_summary(store.get(k), k) for k in store.list("summaries/")}
+        sums = {window_name(k): load_summary(store.get(k), k) for k in store.list("summaries/")}
         results[workers] = (stats.scored, stats.rejected, stats.outliers,
                             {k: (s.records, s.rejected, s.outliers, s.features["rpm"].mean) for k, s in sums.items()},
                             [(e["code"], e["line_no"]) for e in read_jsonl(d / "dl.jsonl")],
