@@ -336,6 +336,10 @@ class StoreConfig(_Strict):
     multipart_threshold_mb: int = Field(16, ge=5, le=5 * 1024, description="larger objects go in parts")
     connect_timeout_s: float = Field(3.0, gt=0, le=120)
     read_timeout_s: float = Field(10.0, gt=0, le=600, description="per request: a hung store fails fast")
+    retry_max_s: float = Field(
+        60.0, gt=0, le=3600, description="the longest wait between upload attempts while the store fails "
+        "(exponential backoff with jitter from 1 s)",
+    )
     presence_s: float = Field(
         300.0, ge=0, description="how often the runtime says in the store that it writes as this device id (to "
         "detect two runtimes with one id); 0: never",

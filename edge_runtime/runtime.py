@@ -167,7 +167,7 @@ class EdgeRuntime:
         self.health.spool = self.spool
         presence = (Presence(self.store, config.device_id, self.instance_id, config.store.presence_s)
                     if config.store.presence_s else None)
-        self.uploader = Uploader(self.spool, self.store, self.health, presence)
+        self.uploader = Uploader(self.spool, self.store, self.health, presence, config.store.retry_max_s)
         try:
             self.events = JsonlSink(config.sinks.events)
             self.dead_letter = JsonlSink(config.sinks.dead_letter)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 60.0
+FINAL_TRIES = 3  # consecutive failures that end the last upload at stop
 
 
 class Uploader:
@@ -169,6 +170,7 @@ class Uploader:
 
     def _final(self, deadline: float) -> None:
         self._retry_at = 0.0
+        failures = 0
         while time.monotonic() < deadline:
             try:
                 result = self.send_one()
@@ -180,7 +182,13 @@ class Uploader:
                     self.presence.withdraw()
                 return
             if result is False:
-                return
+                # a lost answer or a blip is worth a quick retry; a store that is down is not worth the grace
+                failures += 1
+                if failures >= FINAL_TRIES:
+                    return
+                time.sleep(min(0.2 * failures, max(deadline - time.monotonic(), 0)))
+            else:
+                failures = 0
 
     def _left(self, timeout: float) -> None:
         log.warning("uploader: %d objects stay in the spool for the next start (store %s, %.0f s allowed)",

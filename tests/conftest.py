@@ -40,3 +40,36 @@ def make_config(tmp_path, bundle_dir):
         doc.update(overrides)
         return RuntimeConfig.model_validate(doc)
     return make
+
+
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto in server mode on loopback: real HTTP, real request signing."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch):
+    """A fresh bucket on the moto server; its name."""
+    import uuid
+
+    import boto3
+
+    for k, v in AWS_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    name = f"edgeloop-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    client.create_bucket(Bucket=name)
+    yield name

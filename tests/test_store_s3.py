@@ -12,15 +12,9 @@ from edge_runtime.store import ObjectNotFound, S3Store, StoreError, open_store
 BUCKET = "edgeloop-test"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+@pytest.fixture
+def s3_endpoint(moto_endpoint):
+    return moto_endpoint
 
 
 @pytest.fixture
