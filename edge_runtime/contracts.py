@@ -498,6 +498,8 @@ def load_summary(data: bytes | str, source: str) -> WindowSummary:
         doc = json.loads(data)
     except json.JSONDecodeError as err:
         raise ContractError(f"{source}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise ContractError(f"{source}: neither a binary summary nor JSON") from None
     return parse_document(WindowSummary, doc, source)
 
 

@@ -545,5 +545,5 @@ def _records_in(path: Path) -> int | None:
 
     try:
         return load_summary(path.read_bytes(), str(path)).records
-    except (OSError, ContractError):
+    except (OSError, ValueError):  # ContractError is a ValueError
         return None

@@ -40,7 +40,13 @@ def as_floats_sketch(summary: NumericSummary, k: int = KLL_K) -> kll_floats_sket
     if not sketch.is_empty():
         items = np.fromiter((x for x, _ in sketch), dtype=np.float64)
         weights = np.fromiter((w for _, w in sketch), dtype=np.int64)
-        out.update(np.repeat(items, weights).astype(np.float32))
+        order = np.argsort(items, kind="stable")
+        items, weights = items[order], weights[order]
+        # a compacted sketch's retained items need not include its extremes: one unit of weight of
+        # the smallest and of the largest item stands for them, so n and min/max stay exact
+        values = np.repeat(items, weights)
+        values[0], values[-1] = sketch.get_min_value(), sketch.get_max_value()
+        out.update(values.astype(np.float32))
     return out
 
 

@@ -84,9 +84,11 @@ def check(data: bytes, source: str) -> tuple[int, bytes]:
     """The container is whole (length and CRC): its flags and body."""
     if len(data) < _PREAMBLE.size or not is_binary(data):
         raise SummaryFormatError(f"{source}: not an edgeloop window summary")
-    magic, fmt, flags, _, length, crc = _PREAMBLE.unpack_from(data)
+    magic, fmt, flags, reserved, length, crc = _PREAMBLE.unpack_from(data)
     if fmt != FORMAT:
         raise SummaryFormatError(f"{source}: summary format {fmt} is not one this reader knows ({FORMAT})")
+    if flags & ~GZIPPED or reserved:
+        raise SummaryFormatError(f"{source}: unknown flags {flags:#x}/{reserved:#x} (corrupted?)")
     body = data[_PREAMBLE.size:]
     if len(body) != length:
         raise SummaryFormatError(f"{source}: truncated ({len(body)} of {length} bytes)")
@@ -103,7 +105,11 @@ def decode(data: bytes, source: str) -> WindowSummary:
             body = gzip.decompress(body)
         (head_len,) = _U32.unpack_from(body)
         header = orjson.loads(body[4:4 + head_len])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
         names = header.pop("series")
+        if not isinstance(names, list) or not names or names[-1] != SCORE:
+            raise ValueError("no score series")
         pos = 4 + head_len
         series = []
         for _ in names:
@@ -111,10 +117,8 @@ def decode(data: bytes, source: str) -> WindowSummary:
             series.append(s)
         if pos != len(body):
             raise ValueError(f"{len(body) - pos} bytes after the last series")
-    except (ValueError, struct.error, OSError, EOFError, KeyError, TypeError) as err:
+    except (ValueError, struct.error, OSError, EOFError, KeyError, TypeError, zlib.error) as err:
         raise SummaryFormatError(f"{source}: malformed summary ({err})") from None
-    if not names or names[-1] != SCORE:
-        raise SummaryFormatError(f"{source}: malformed summary (no score series)")
     doc = {**header, "features": dict(zip(names[:-1], series[:-1])), "score": series[-1]}
     from .contracts import parse_document
 
