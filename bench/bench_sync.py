@@ -11,9 +11,9 @@ Sections (each a ratio against a baseline measured in the same run):
    the summaries' share of scoring time per record.
 3. uploads: objects per second from the spool to S3 (moto server on loopback, conditional puts,
    removal from the spool) vs bare boto3 ``put_object`` calls of the same objects.
-4. outage: records/s through the engine (6-feature demo bundle, one-minute windows, so a summary
-   and samples every 60 records) with the uploader thread running against a store that is up,
-   refusing connections, hanging, or up with 3,800 objects of backlog to drain.
+4. outage: records/s through the engine (6-feature demo bundle, JSON lines one second apart, one-hour
+   windows) with the uploader thread running against a store that is up, refusing connections,
+   hanging, or up with 3,800 objects of backlog to drain. moto runs in its own process here.
 
 Prints one JSON document; docs/benchmarks.md records the runs.
 """
@@ -187,7 +187,7 @@ def bench_outage(work: Path, bundle: Path, endpoint: str, rows: int) -> dict:
         d = work / f"outage-{mode}-{time.monotonic_ns()}"
         with FaultProxy(u.hostname, u.port).start() as proxy:
             config = RuntimeConfig(
-                device_id="bench", bundle=str(bundle), window={"seconds": 60}, health={"log_interval_s": 0},
+                device_id="bench", bundle=str(bundle), window={"seconds": 3600}, health={"log_interval_s": 0},
                 sinks={"events": str(d / "events.jsonl"), "dead_letter": str(d / "dl.jsonl"),
                        "outbox": str(d / "outbox")},
                 store={"url": f"s3://{bucket}", "endpoint_url": proxy.url, "connect_timeout_s": 2,
@@ -216,6 +216,19 @@ def bench_outage(work: Path, bundle: Path, endpoint: str, rows: int) -> dict:
     for mode in ("refuse", "hang", "backlog"):
         out[mode]["vs_up"] = round(out[mode]["records_per_s"] / base, 3)
     return out
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server did not start on port {port}")
 
 
 def demo_bundle(work: Path) -> Path:
@@ -255,20 +268,25 @@ def main() -> None:
             "gmm64": work / "gmm64-bundle", "ae64": work / "ae64-bundle"}
         result["cost"] = bench_cost(work, bundles, args.rows, args.repeat)
     if only & {"uploads", "outage"}:
-        from moto.server import ThreadedMotoServer
+        # moto in its own process: in this one it would take the GIL from the engine being measured
+        import socket
+        import subprocess
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait_port(port)
         try:
             if "uploads" in only:
                 result["uploads"] = bench_uploads(work, endpoint)
             if "outage" in only:
                 result["outage"] = bench_outage(work, demo_bundle(work), endpoint, args.rows)
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(10)
     print(json.dumps(result, indent=2))
 
 

@@ -11,7 +11,9 @@ little-endian::
           u64 count, missing, nan, inf | f64 min, max, mean, m2 (NaN when count is 0)
           u16 edges | f64 edges[] | u64 counts[edges + 1] | u8 sketch type (0 f64, 1 f32) | u32 n | sketch
 
-The body is gzipped only where that saves a tenth or more. The length and CRC make a truncated or
+The body is gzipped only where that saves a tenth or more, and only up to 32 KB: beyond that it is
+mostly sketches, which do not compress, and gzip would cost milliseconds per window for a few
+percent. The length and CRC make a truncated or
 corrupted file an error, never a summary with part of its data.
 """
 
@@ -30,6 +32,7 @@ from .contracts import ContractError, NumericSummary, WindowSummary
 MAGIC = b"ELWS"
 FORMAT = 3
 GZIPPED = 1
+GZIP_MAX = 32 << 10  # bodies larger than this are stored as they are
 _PREAMBLE = struct.Struct("<4sBBHII")
 _STATS = struct.Struct("<QQQQdddd")
 _U16 = struct.Struct("<H")
@@ -56,9 +59,10 @@ def encode(summary: WindowSummary) -> bytes:
         parts.append(_series(s))
     body = b"".join(parts)
     flags = 0
-    packed = gzip.compress(body, compresslevel=6, mtime=0)
-    if len(packed) <= 0.9 * len(body):
-        body, flags = packed, GZIPPED
+    if len(body) <= GZIP_MAX:  # a large body is mostly sketches, which do not compress; not worth the time
+        packed = gzip.compress(body, compresslevel=6, mtime=0)
+        if len(packed) <= 0.9 * len(body):
+            body, flags = packed, GZIPPED
     return _PREAMBLE.pack(MAGIC, FORMAT, flags, 0, len(body), zlib.crc32(body)) + body
 
 
