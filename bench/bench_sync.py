@@ -11,9 +11,10 @@ Sections (each a ratio against a baseline measured in the same run):
    the summaries' share of scoring time per record.
 3. uploads: objects per second from the spool to S3 (moto server on loopback, conditional puts,
    removal from the spool) vs bare boto3 ``put_object`` calls of the same objects.
-4. outage: records/s through the engine (6-feature demo bundle, JSON lines one second apart, one-hour
-   windows) with the uploader thread running against a store that is up, refusing connections,
-   hanging, or up with 3,800 objects of backlog to drain. moto runs in its own process here.
+4. outage: records/s through the engine (6-feature demo bundle, JSON lines one second apart, one-day
+   windows, so that uploads come from the failure mode, not from windows the replay closes) with
+   the uploader thread running against a store that is up, refusing connections, hanging, or up
+   with 3,800 objects of backlog to drain. moto runs in its own process here.
 
 Prints one JSON document; docs/benchmarks.md records the runs.
 """
@@ -98,7 +99,7 @@ def bench_cost(work: Path, bundles: dict, rows: int, repeat: int) -> dict:
     for name, bundle in bundles.items():
         model = load_model(bundle, runtime_config(work, bundle, "cost").scoring)
 
-        def engine():
+        def engine(bundle=bundle, model=model):
             with EdgeRuntime(runtime_config(work, bundle, "cost"), model=model) as rt:
                 for i, fr in enumerate(frames):
                     rt.handle([Payload("frame", [fr], "bench", i + 1, n=256)])
@@ -167,7 +168,7 @@ def bench_uploads(work: Path, endpoint: str, n: int = 400) -> dict:
             "spool_uploader_per_s": round(n / spooled, 1), "uploader_vs_boto3": round(raw / spooled, 3)}
 
 
-def bench_outage(work: Path, bundle: Path, endpoint: str, rows: int) -> dict:
+def bench_outage(work: Path, bundle: Path, endpoint: str, rows: int, cpu_share: float | None = None) -> dict:
     import boto3
     from netfault import FaultProxy
 
@@ -182,16 +183,17 @@ def bench_outage(work: Path, bundle: Path, endpoint: str, rows: int) -> dict:
     u = urlparse(endpoint)
     out = {}
     for mode in ("up", "refuse", "hang", "backlog"):
-        bucket = f"bench-outage-{mode}"
+        bucket = f"bench-outage-{mode}-{time.monotonic_ns()}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         d = work / f"outage-{mode}-{time.monotonic_ns()}"
         with FaultProxy(u.hostname, u.port).start() as proxy:
             config = RuntimeConfig(
-                device_id="bench", bundle=str(bundle), window={"seconds": 3600}, health={"log_interval_s": 0},
+                device_id="bench", bundle=str(bundle), window={"seconds": 86400}, health={"log_interval_s": 0},
                 sinks={"events": str(d / "events.jsonl"), "dead_letter": str(d / "dl.jsonl"),
                        "outbox": str(d / "outbox")},
                 store={"url": f"s3://{bucket}", "endpoint_url": proxy.url, "connect_timeout_s": 2,
-                       "read_timeout_s": 5, "retry_max_s": 5, "presence_s": 0})
+                       "read_timeout_s": 5, "retry_max_s": 5, "presence_s": 0,
+                       **({"upload_cpu_share": cpu_share} if cpu_share else {})})
             if mode == "backlog":  # 3,800 objects left by an earlier outage
                 spool = Spool(d / "outbox").open()
                 w, _, _ = _window_summary(60, 6)
@@ -251,6 +253,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="size,cost,uploads,outage")
     ap.add_argument("--workdir")
+    ap.add_argument("--outage-rows", type=int, default=400_000)
     args = ap.parse_args()
     only = set(args.only.split(","))
     _EMPTY = _empty()
@@ -283,7 +286,8 @@ def main() -> None:
             if "uploads" in only:
                 result["uploads"] = bench_uploads(work, endpoint)
             if "outage" in only:
-                result["outage"] = bench_outage(work, demo_bundle(work), endpoint, args.rows)
+                result["outage"] = bench_outage(work, demo_bundle(work), endpoint, args.outage_rows)
+                result["outage_no_cpu_cap"] = bench_outage(work, demo_bundle(work), endpoint, args.outage_rows, 1.0)
         finally:
             server.terminate()
             server.wait(10)

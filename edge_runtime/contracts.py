@@ -340,6 +340,10 @@ class StoreConfig(_Strict):
         60.0, gt=0, le=3600, description="the longest wait between upload attempts while the store fails "
         "(exponential backoff with jitter from 1 s)",
     )
+    upload_cpu_share: float = Field(
+        0.1, gt=0, le=1, description="the most of one core the uploader's Python work may take while draining "
+        "a backlog (it pauses between objects), so scoring keeps its pace; 1: no pauses",
+    )
     presence_s: float = Field(
         300.0, ge=0, description="how often the runtime says in the store that it writes as this device id (to "
         "detect two runtimes with one id); 0: never",

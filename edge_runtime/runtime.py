@@ -167,7 +167,8 @@ class EdgeRuntime:
         self.health.spool = self.spool
         presence = (Presence(self.store, config.device_id, self.instance_id, config.store.presence_s)
                     if config.store.presence_s else None)
-        self.uploader = Uploader(self.spool, self.store, self.health, presence, config.store.retry_max_s)
+        self.uploader = Uploader(self.spool, self.store, self.health, presence, config.store.retry_max_s,
+                                 config.store.upload_cpu_share)
         try:
             self.events = JsonlSink(config.sinks.events)
             self.dead_letter = JsonlSink(config.sinks.dead_letter)
@@ -550,14 +551,18 @@ class EdgeRuntime:
                         summary.records + summary.rejected)
             if drops is not None:
                 self.spool.restore_drops(drops)
+            self.spool.clear_checkpoint(self.instance_id)
         else:
             key = summary_key(name, version, device, summary.window_start, window.part, self.instance_id)
-            if not self.spool.put(key, encode(summary), summary.records) and drops is not None:
-                self.spool.restore_drops(drops)
+            if not self.spool.put(key, encode(summary), summary.records, replaces_checkpoint=self.instance_id):
+                if drops is not None:
+                    self.spool.restore_drops(drops)
+                self.spool.clear_checkpoint(self.instance_id)  # dropped by the policy: counted
+            # after the summary: a kill in between costs these samples, never a sample file that a
+            # recovered checkpoint would write again with other contents
             samples = self._samples(window)
             if samples:
                 self.spool.put(outlier_key(name, version, device, summary.window_start, window.part,
                                            self.instance_id), samples)
-        self.spool.clear_checkpoint(self.instance_id)
         self.health.windows += 1
         self.uploader.notify()

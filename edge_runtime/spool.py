@@ -82,11 +82,11 @@ def kind_of(key: str) -> str:
 
 def verify(key: str, data: bytes) -> None:
     """Raise ``Damaged`` unless ``data`` is a whole object of the kind its key says."""
-    from .summary_format import SummaryFormatError, check
+    from .summary_format import SummaryFormatError, decode
 
     try:
         if key.endswith(".elws"):
-            check(data, key)
+            decode(data, key)  # the whole of it: a flipped flag outside the CRC must not pass
         elif key.endswith(".gz"):
             gzip.decompress(data)  # its CRC-32 and length trailer catch a cut or a flipped bit
         elif key.endswith(".json"):
@@ -149,6 +149,11 @@ class Spool:
         return self
 
     def close(self) -> None:
+        if self._memory:
+            held = [e.key for q in self._queues.values() for e in q.values() if e.data is not None]
+            log.error("spool %s: %d objects (%d bytes) held in memory while the disk was full are lost at "
+                      "stop: %s", self.root, len(held), self._memory, ", ".join(held[:5]) + (" ..." if len(held) > 5
+                                                                                             else ""))
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
@@ -197,9 +202,11 @@ class Spool:
 
     # -- the engine's side ------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, records: int | None = None) -> bool:
-        """Hand an object over. False when the policy dropped it (counted). Never raises for a full
-        disk: the object is then kept in memory."""
+    def put(self, key: str, data: bytes, records: int | None = None, replaces_checkpoint: str | None = None) -> bool:
+        """Hand an object over. False when the policy dropped it (counted). Never raises for a disk
+        that is full (or failing): the object is then kept in memory. ``replaces_checkpoint``: the
+        instance whose checkpoint this object supersedes; it is removed once the object is on disk
+        and before the uploader can see it, so a kill never leaves both a checkpoint and a sent part."""
         kind = kind_of(key)
         entry = Entry(key, kind, len(data), time.time(), records)
         with self._lock:
@@ -208,8 +215,6 @@ class Spool:
         try:
             self._write(key, data)
         except OSError as err:
-            if err.errno not in NO_SPACE:
-                raise
             self._note_disk_full(err)
             entry.data = data
             with self._lock:
@@ -217,15 +222,21 @@ class Spool:
                     return False
                 self._index(entry)
             return True
+        if replaces_checkpoint is not None:
+            self.clear_checkpoint(replaces_checkpoint)
         with self._lock:
             self._index(entry)
         if self.disk_full and not self._memory:
             self._disk_ok()
         return True
 
+    @property
+    def on_disk(self) -> int:
+        return self._bytes
+
     def _write(self, key: str, data: bytes) -> None:
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, self.fsync)
         atomic_write(path, data, self.fsync)
 
     def _make_room(self, new: Entry, on_disk: bool) -> bool:
@@ -259,8 +270,15 @@ class Spool:
         q = self._queues[e.kind]
         q.pop(e.key, None)
         self._forget(e)
-        if e.records is None and e.kind == "summary" and e.data is None:
-            e.records = _records_in(self.root / e.key)
+        if e.kind == "summary":
+            # its own records, and the drops its header was reporting: both are now reported here
+            records, carried = _summary_counts(e.data if e.data is not None else self.root / e.key)
+            e.records = records if records is not None else e.records
+            if carried is not None:
+                d = self._drops
+                d.summaries += carried.summaries
+                d.samples += carried.samples
+                d.records += carried.records
         if e.data is None:
             (self.root / e.key).unlink(missing_ok=True)
         self._count_drop(e, why)
@@ -308,19 +326,31 @@ class Spool:
             self._save_drops()
 
     def retry_memory(self) -> None:
-        """While the disk was full: write what is held in memory, oldest first, as space allows."""
+        """While the disk was full: write what is held in memory, oldest first, as space allows
+        (within ``max_bytes``, by the same policy); with nothing in memory, a small probe says
+        whether writing works again."""
         if not self._memory:
+            if self.disk_full:
+                try:
+                    atomic_write(self.root / ".probe", b"ok", self.fsync)
+                except OSError:
+                    return
+                self._disk_ok()
             return
         for q in self._queues.values():
             for e in list(q.values()):
                 if e.data is None or e.key == self._inflight:
                     continue
+                with self._lock:
+                    if q.get(e.key) is not e:
+                        continue
+                    room = self._room_on_disk(e)
+                if not room:
+                    continue
                 try:
                     self._write(e.key, e.data)
-                except OSError as err:
-                    if err.errno in NO_SPACE:
-                        return
-                    raise
+                except OSError:
+                    return
                 with self._lock:
                     if q.get(e.key) is e:
                         self._memory -= e.size
@@ -328,6 +358,24 @@ class Spool:
                         e.data = None
         if not self._memory:
             self._disk_ok()
+
+    def _room_on_disk(self, e: Entry) -> bool:
+        """Make room on disk for ``e``, now in memory (lock held); if the policy will not, it is dropped."""
+        cfg = self.config
+        if self._bytes + e.size <= cfg.max_bytes:
+            return True
+        if cfg.when_full == "drop_oldest":
+            for kind in ("samples", "other", "summary"):
+                for key in list(self._queues[kind]):
+                    if self._bytes + e.size <= cfg.max_bytes:
+                        return True
+                    old = self._queues[kind][key]
+                    if old.data is None and key != self._inflight:
+                        self._drop(old, "spool full (when_full: drop_oldest)")
+            if self._bytes + e.size <= cfg.max_bytes:
+                return True
+        self._drop(e, "spool full (when_full: reject_new)" if cfg.when_full == "reject_new" else "spool full")
+        return False
 
     def _note_disk_full(self, err: OSError) -> None:
         if not self.disk_full:
@@ -351,10 +399,10 @@ class Spool:
             path.parent.mkdir(exist_ok=True)
             atomic_write(path, blob, self.fsync)
         except OSError as err:
-            if err.errno not in NO_SPACE:
-                raise
             self._note_disk_full(err)
             return False
+        if self.disk_full and not self._memory:
+            self._disk_ok()
         return True
 
     def clear_checkpoint(self, instance: str) -> None:
@@ -377,6 +425,7 @@ class Spool:
                 s = load_summary(summary, str(path))
             except (Damaged, ContractError) as err:
                 self._set_aside(path, QUARANTINE, f"checkpoint {path.name}: {err}")
+                self.quarantined += 1
                 continue
             key = summary_key(s.model_name, s.model_version, s.device_id, s.window_start, s.part, s.instance_id)
             if key not in self._queues["summary"]:  # else: it closed normally and the crash came after
@@ -386,6 +435,8 @@ class Spool:
                                          s.instance_id), samples)
                 log.warning("recovered the open window of a runtime that stopped without closing it: %s "
                             "(%d records)", key, s.records)
+                if self._queues["summary"].get(key) is not None and self._queues["summary"][key].data is not None:
+                    continue  # held in memory only (the disk is full): the checkpoint stays until it is on disk
             path.unlink()
 
     # -- the uploader's side ----------------------------------------------------------------------
@@ -422,6 +473,13 @@ class Spool:
             self._inflight = None
         if e.data is None:
             (self.root / e.key).unlink(missing_ok=True)
+
+    def requeue(self, e: Entry) -> None:
+        """To the back of its queue: an object the store keeps refusing must not hold up the rest."""
+        with self._lock:
+            q = self._queues[e.kind]
+            if q.get(e.key) is e:
+                q.move_to_end(e.key)
 
     def release(self) -> None:
         with self._lock:
@@ -540,10 +598,29 @@ def _read_checkpoint(blob: bytes) -> tuple[bytes, bytes]:
     return body[4:4 + n], body[4 + n:]
 
 
-def _records_in(path: Path) -> int | None:
+def _summary_counts(source: bytes | Path) -> tuple[int | None, SpoolDrops | None]:
+    """A spooled summary's records and the drops its header reports (None, None if unreadable)."""
     from .contracts import load_summary
 
     try:
-        return load_summary(path.read_bytes(), str(path)).records
+        data = source if isinstance(source, bytes) else source.read_bytes()
+        s = load_summary(data, "spool")
     except (OSError, ValueError):  # ContractError is a ValueError
-        return None
+        return None, None
+    return s.records, s.spool_dropped
+
+
+def make_dirs(path: Path, fsync: bool = True) -> None:
+    """``mkdir -p``, with each new directory's entry fsynced in its parent (a new date folder must
+    survive a power cut as well as the object in it)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not missing:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    if fsync:
+        for d in reversed(missing):
+            fsync_dir(d.parent)

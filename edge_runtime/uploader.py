@@ -7,6 +7,8 @@ object is either this very object (a retry whose answer was lost: fine) or a sec
 under the same name (a conflict: logged loudly, counted, the file kept aside, nothing
 overwritten). A failed attempt backs off exponentially with jitter, counted from when the
 attempt ended; each request has short timeouts, so a hung store costs one timeout per attempt.
+The thread's own CPU time is kept to ``store.upload_cpu_share`` of a core by pausing between
+objects, so draining a backlog of thousands does not slow scoring.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ FINAL_TRIES = 3  # consecutive failures that end the last upload at stop
 
 class Uploader:
     def __init__(self, spool: Spool, store: ObjectStore, health: Health | None = None,
-                 presence: Presence | None = None, backoff_max_s: float = BACKOFF_MAX_S) -> None:
+                 presence: Presence | None = None, backoff_max_s: float = BACKOFF_MAX_S,
+                 cpu_share: float = 1.0) -> None:
         self.spool = spool
         self.store = store
         self.health = health or Health()
         self.presence = presence
         self.backoff_max_s = backoff_max_s
+        self.cpu_share = cpu_share
         self.sent = 0
         self.failures = 0
         self._wake = threading.Event()
@@ -85,6 +89,7 @@ class Uploader:
             return self._settle_existing(e, data)
         except Exception as err:  # any transport or service failure: keep the file, back off
             self._failed(e, err)
+            self.spool.requeue(e)
             return False
         self.spool.done(e)
         self._ok()
@@ -141,12 +146,17 @@ class Uploader:
                     continue
             if self.presence is not None and self._down_since is None:
                 self.presence.maybe_announce(self.health)
+            cpu = time.thread_time()
             try:
                 result = self.send_one()
             except Exception:  # never let one bad object or a store bug end forwarding
                 log.exception("uploader: unexpected error; backing off")
                 self._retry_at = time.monotonic() + BACKOFF_START_S
                 continue
+            if result and self.cpu_share < 1.0:
+                # signing and parsing an S3 request is Python work that holds the GIL: pausing in
+                # proportion keeps a backlog's drain from slowing the engine thread
+                self._stopping.wait((time.thread_time() - cpu) * (1.0 / self.cpu_share - 1.0))
             if result is None:
                 self._wake.wait(self.presence.due_in() if self.presence is not None else None)
                 self._wake.clear()
