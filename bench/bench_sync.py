@@ -50,7 +50,9 @@ def _window_summary(n_rows: int, n_features: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(5000, n_features))
-    edges = [np.unique(np.quantile(base[:, j], np.linspace(0, 1, 11)[1:-1])).tolist() for j in range(n_features)]
+    from cloud.train import quantile_edges
+
+    edges = [quantile_edges(base[:, j]) for j in range(n_features)]
     names = [f"f{j:02d}" for j in range(n_features)]
     w = Window(start=T0, end=T0 + 60, model_name="m", model_version="1.0.0", feature_names=names,
                features=MatrixAccumulator(edges), score=MatrixAccumulator([edges[0]]))
@@ -61,7 +63,19 @@ def _window_summary(n_rows: int, n_features: int, seed: int = 0):
     return w, X, names
 
 
+def _health():
+    from edge_runtime.health import Health
+
+    h = Health(provider="CPUExecutionProvider", records_in=123456, scored=123400, outliers=1234, batches=4321)
+    h.rejected["malformed_json"] = 56
+    for _ in range(100):
+        h.batch(32, 0.0004)
+    return h.window_header()
+
+
 def bench_size() -> dict:
+    global _HEALTH
+    _HEALTH = _health()
     from edge_runtime.summary_format import encode
 
     out: dict = {}
@@ -76,7 +90,7 @@ def bench_size() -> dict:
     for rate_per_s in (0.1, 1, 10, 100):
         n = max(int(60 * rate_per_s), 1)
         w, X, names = _window_summary(n, 6)
-        v3 = len(encode(w.summary("bench", None, "0123456789ab")))
+        v3 = len(encode(w.summary("bench", _HEALTH, "0123456789ab")))  # with a health header, as a device writes
         raw = sum(len(json.dumps({"ts": T0 + i, **dict(zip(names, map(float, row)))})) + 1
                   for i, row in enumerate(X))
         out[f"60s_window_{rate_per_s}_per_s_6_features"] = {"records": n, "summary_bytes": v3, "raw_json_bytes": raw,
@@ -129,6 +143,7 @@ def _empty():
 
 
 _EMPTY = None
+_HEALTH = None
 
 
 def bench_uploads(work: Path, endpoint: str, n: int = 400) -> dict:

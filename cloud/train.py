@@ -86,7 +86,8 @@ def _is_numeric_column(rows: list[list[str]], i: int) -> bool:
 def quantile_edges(values: np.ndarray, bins: int = HIST_BINS) -> list[float]:
     """Inner bin edges at the baseline's quantiles: each bin holds about 1/bins of it."""
     edges = np.quantile(values.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1])
-    return np.unique(edges).tolist()
+    # device data is float32: edges that are float32 values lose nothing, and take half the bytes
+    return np.unique(edges.astype(np.float32)).astype(np.float64).tolist()
 
 
 def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scores: np.ndarray,

@@ -533,7 +533,7 @@ class EdgeRuntime:
     def _samples(self, window: Window) -> bytes:
         if not window.samples:
             return b""
-        return gzip.compress(b"\n".join(window.samples) + b"\n", compresslevel=6, mtime=0)
+        return gzip.compress(b"\n".join(window.samples) + b"\n", compresslevel=1, mtime=0)  # fast; ~4x smaller
 
     def _close_window(self) -> None:
         window, self.window = self.window, None

@@ -213,26 +213,29 @@ class MatrixAccumulator:
         cols = np.concatenate(self._buffer).T.copy()  # (f, n), each row contiguous
         self._buffer, self._buffered = [], 0
         cols.sort(axis=1)  # in the input's precision (float32 from the decoder): half the bytes to move
-        narrow = cols if cols.dtype == np.float32 else cols.astype(np.float32)  # what the float sketch takes
-        cols = cols.astype(np.float64, copy=False)
-        n = cols.shape[1]
-        mean = cols.mean(axis=1)
-        m2 = ((cols - mean[:, None]) ** 2).sum(axis=1)
+        if cols.dtype != np.float32:
+            cols = cols.astype(np.float32)
+        for sketch, col in zip(self.sketches, cols):
+            sketch.update(col)
+        wide = cols.astype(np.float64)
+        n = wide.shape[1]
+        np.minimum(self.min, wide[:, 0], out=self.min)
+        np.maximum(self.max, wide[:, -1], out=self.max)
+        for j, k in enumerate(self.n_edges):
+            # values below edge i: bins are [edge[i-1], edge[i]), as np.searchsorted(side="right") puts them
+            bounds = np.empty(k + 2, dtype=np.int64)
+            bounds[0], bounds[-1] = 0, n
+            bounds[1:-1] = np.searchsorted(wide[j], self.edges[j, :k], side="left")
+            self.hist[j, : k + 1] += bounds[1:] - bounds[:-1]
+        mean = wide.mean(axis=1)
+        wide -= mean[:, None]  # in place: the block's sum of squared deviations without temporaries
+        np.square(wide, out=wide)
+        m2 = wide.sum(axis=1)
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + m2 + delta * delta * self.count * n / total
         self.count = total
-        np.minimum(self.min, cols[:, 0], out=self.min)
-        np.maximum(self.max, cols[:, -1], out=self.max)
-        for j, (sketch, k) in enumerate(zip(self.sketches, self.n_edges)):
-            col = cols[j]
-            sketch.update(narrow[j])
-            # values below edge i: bins are [edge[i-1], edge[i]), as np.searchsorted(side="right") puts them
-            bounds = np.empty(k + 2, dtype=np.int64)
-            bounds[0], bounds[-1] = 0, n
-            bounds[1:-1] = np.searchsorted(col, self.edges[j, :k], side="left")
-            self.hist[j, : k + 1] += bounds[1:] - bounds[:-1]
 
     def summaries(self) -> list[NumericSummary]:
         self._fold()

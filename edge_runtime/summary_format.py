@@ -5,21 +5,23 @@ inside JSON (a third larger, and a doubles sketch: twice the bytes a float32 ser
 version 3 carries the raw float sketch, so a feature costs about 2.3 KB at k=200. Layout, all
 little-endian::
 
-    magic "ELWS" | u8 format (3) | u8 flags (1: body gzipped) | u16 0 | u32 body length | u32 CRC-32 of body
+    magic "ELWS" | u8 format (3) | u8 flags (1: body deflated) | u16 0 | u32 body length | u32 CRC-32 of body
     body: u32 header length | header (JSON: the summary without its series, plus "series": names)
           then per series (features in order, then the score):
-          u64 count, missing, nan, inf | f64 min, max, mean, m2 (NaN when count is 0)
-          u16 edges | f64 edges[] | u64 counts[edges + 1] | u8 sketch type (0 f64, 1 f32) | u32 n | sketch
+          u8 flags (1: float sketch, 2: 64-bit counts, 4: float32 edges, 8: min and max are the sketch's)
+          count, missing, nan, inf (u32, or u64 with flag 2)
+          f64 min, max (absent with flag 8), mean, m2 (NaN when count is 0)
+          u16 edges | edges[] (f64, or f32 with flag 4 when every edge is a float32 exactly)
+          counts[edges + 1] (u32, or u64 with flag 2) | u32 n | sketch
 
-The body is gzipped only where that saves a tenth or more, and only up to 32 KB: beyond that it is
-mostly sketches, which do not compress, and gzip would cost milliseconds per window for a few
+The body is deflated (zlib) only where that saves a tenth or more, and only up to 32 KB: beyond that it is
+mostly sketches, which do not compress, and deflate would cost milliseconds per window for a few
 percent. The length and CRC make a truncated or
 corrupted file an error, never a summary with part of its data.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import struct
 import zlib
@@ -31,13 +33,17 @@ from .contracts import ContractError, NumericSummary, WindowSummary
 
 MAGIC = b"ELWS"
 FORMAT = 3
-GZIPPED = 1
-GZIP_MAX = 32 << 10  # bodies larger than this are stored as they are
+DEFLATED = 1
+DEFLATE_MAX = 32 << 10  # bodies larger than this are stored as they are
 _PREAMBLE = struct.Struct("<4sBBHII")
-_STATS = struct.Struct("<QQQQdddd")
+_WIDE = struct.Struct("<QQQQ")
+_NARROW = struct.Struct("<IIII")
+_MOMENTS = struct.Struct("<dddd")
+_U8 = struct.Struct("<B")
+F32_SKETCH, WIDE_COUNTS, F32_EDGES, EXTREMES_IN_SKETCH = 1, 2, 4, 8
+_PAIR = struct.Struct("<dd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_SKETCH = struct.Struct("<BI")
 SCORE = "score"
 
 
@@ -50,7 +56,7 @@ def is_binary(data: bytes) -> bool:
 
 
 def encode(summary: WindowSummary) -> bytes:
-    header = summary.model_dump(mode="json", exclude={"features", "score"})
+    header = summary.model_dump(mode="json", exclude={"features", "score"}, exclude_defaults=True)
     header["schema_version"] = FORMAT
     header["series"] = [*summary.features, SCORE]
     head = orjson.dumps(header)
@@ -59,25 +65,40 @@ def encode(summary: WindowSummary) -> bytes:
         parts.append(_series(s))
     body = b"".join(parts)
     flags = 0
-    if len(body) <= GZIP_MAX:  # a large body is mostly sketches, which do not compress; not worth the time
-        packed = gzip.compress(body, compresslevel=6, mtime=0)
+    if len(body) <= DEFLATE_MAX:  # a large body is mostly sketches, which do not compress; not worth the time
+        packed = zlib.compress(body, 9)
         if len(packed) <= 0.9 * len(body):
-            body, flags = packed, GZIPPED
+            body, flags = packed, DEFLATED
     return _PREAMBLE.pack(MAGIC, FORMAT, flags, 0, len(body), zlib.crc32(body)) + body
 
 
 def _series(s: NumericSummary) -> bytes:
     nan = math.nan
     m2 = s.variance * s.count if s.variance is not None else nan
-    stats = _STATS.pack(s.count, s.missing, s.nan, s.inf if (s.nan or s.inf) else s.nonfinite,
-                        _f(s.min), _f(s.max), _f(s.mean), m2)
+    counts = np.asarray(s.hist_counts or [0] * (len(s.hist_edges) + 1), dtype=np.int64)
     edges = np.asarray(s.hist_edges, dtype="<f8")
-    counts = np.asarray(s.hist_counts or [0] * (len(edges) + 1), dtype="<u8")
     if len(counts) != len(edges) + 1:
         raise ValueError(f"{len(counts)} histogram counts for {len(edges)} edges")
+    tallies = (s.count, s.missing, s.nan, s.inf if (s.nan or s.inf) else s.nonfinite)
+    wide = max(tallies) >= 1 << 32
+    with np.errstate(over="ignore"):  # an edge beyond float32's range simply keeps float64
+        narrow = edges.astype("<f4")
+    f32_edges = bool(np.array_equal(narrow.astype("<f8"), edges))
     kll = s.kll or b""
-    return b"".join((stats, _U16.pack(len(edges)), edges.tobytes(), counts.tobytes(),
-                     _SKETCH.pack(1 if s.kll_type == "f32" else 0, len(kll)), kll))
+    in_sketch = bool(kll) and s.kll_type == "f32" and _sketch_extremes(kll) == (s.min, s.max)
+    flags = ((F32_SKETCH if s.kll_type == "f32" else 0) | (WIDE_COUNTS if wide else 0)
+             | (F32_EDGES if f32_edges else 0) | (EXTREMES_IN_SKETCH if in_sketch else 0))
+    moments = _PAIR.pack(_f(s.mean), m2) if in_sketch else _MOMENTS.pack(_f(s.min), _f(s.max), _f(s.mean), m2)
+    return b"".join((_U8.pack(flags), (_WIDE if wide else _NARROW).pack(*tallies), moments, _U16.pack(len(edges)),
+                     (narrow if f32_edges else edges).tobytes(),
+                     counts.astype("<u8" if wide else "<u4").tobytes(), _U32.pack(len(kll)), kll))
+
+
+def _sketch_extremes(kll: bytes) -> tuple[float, float]:
+    from datasketches import kll_floats_sketch
+
+    sketch = kll_floats_sketch.deserialize(kll)
+    return float(sketch.get_min_value()), float(sketch.get_max_value())
 
 
 def _f(v: float | None) -> float:
@@ -91,7 +112,7 @@ def check(data: bytes, source: str) -> tuple[int, bytes]:
     magic, fmt, flags, reserved, length, crc = _PREAMBLE.unpack_from(data)
     if fmt != FORMAT:
         raise SummaryFormatError(f"{source}: summary format {fmt} is not one this reader knows ({FORMAT})")
-    if flags & ~GZIPPED or reserved:
+    if flags & ~DEFLATED or reserved:
         raise SummaryFormatError(f"{source}: unknown flags {flags:#x}/{reserved:#x} (corrupted?)")
     body = data[_PREAMBLE.size:]
     if len(body) != length:
@@ -105,8 +126,8 @@ def decode(data: bytes, source: str) -> WindowSummary:
     """The summary in ``data``; SummaryFormatError names what is wrong with a damaged one."""
     flags, body = check(data, source)
     try:
-        if flags & GZIPPED:
-            body = gzip.decompress(body)
+        if flags & DEFLATED:
+            body = zlib.decompress(body)
         (head_len,) = _U32.unpack_from(body)
         header = orjson.loads(body[4:4 + head_len])
         if not isinstance(header, dict):
@@ -121,7 +142,7 @@ def decode(data: bytes, source: str) -> WindowSummary:
             series.append(s)
         if pos != len(body):
             raise ValueError(f"{len(body) - pos} bytes after the last series")
-    except (ValueError, struct.error, OSError, EOFError, KeyError, TypeError, zlib.error) as err:
+    except (ValueError, struct.error, OSError, EOFError, LookupError, TypeError, zlib.error, RuntimeError) as err:
         raise SummaryFormatError(f"{source}: malformed summary ({err})") from None
     doc = {**header, "features": dict(zip(names[:-1], series[:-1])), "score": series[-1]}
     from .contracts import parse_document
@@ -130,26 +151,44 @@ def decode(data: bytes, source: str) -> WindowSummary:
 
 
 def _read_series(body: bytes, pos: int) -> tuple[NumericSummary, int]:
-    count, missing, nan, inf, lo, hi, mean, m2 = _STATS.unpack_from(body, pos)
-    pos += _STATS.size
+    (flags,) = _U8.unpack_from(body, pos)
+    pos += 1
+    if flags & ~(F32_SKETCH | WIDE_COUNTS | F32_EDGES | EXTREMES_IN_SKETCH):
+        raise ValueError(f"unknown series flags {flags:#x}")
+    tally = _WIDE if flags & WIDE_COUNTS else _NARROW
+    count, missing, nan, inf = tally.unpack_from(body, pos)
+    pos += tally.size
+    if flags & EXTREMES_IN_SKETCH:
+        mean, m2 = _PAIR.unpack_from(body, pos)
+        pos += _PAIR.size
+        lo = hi = math.nan  # from the sketch, below
+    else:
+        lo, hi, mean, m2 = _MOMENTS.unpack_from(body, pos)
+        pos += _MOMENTS.size
     (n_edges,) = _U16.unpack_from(body, pos)
     pos += 2
-    edges = np.frombuffer(body, dtype="<f8", count=n_edges, offset=pos)
-    pos += 8 * n_edges
-    counts = np.frombuffer(body, dtype="<u8", count=n_edges + 1, offset=pos)
-    pos += 8 * (n_edges + 1)
-    kind, n = _SKETCH.unpack_from(body, pos)
-    pos += _SKETCH.size
+    edge_width = 4 if flags & F32_EDGES else 8
+    edges = np.frombuffer(body, dtype=f"<f{edge_width}", count=n_edges, offset=pos).astype(np.float64)
+    pos += edge_width * n_edges
+    width = 8 if flags & WIDE_COUNTS else 4
+    counts = np.frombuffer(body, dtype=f"<u{width}", count=n_edges + 1, offset=pos)
+    pos += width * (n_edges + 1)
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
     kll = bytes(body[pos:pos + n])
     if len(kll) != n:
         raise ValueError("sketch cut short")
     pos += n
+    if flags & EXTREMES_IN_SKETCH:
+        if not (flags & F32_SKETCH) or not kll:
+            raise ValueError("extremes said to be in a sketch that is not there")
+        lo, hi = _sketch_extremes(kll)
     has = count > 0
     summary = NumericSummary(
         count=count, missing=missing, nonfinite=nan + inf, nan=nan, inf=inf,
         min=lo if has else None, max=hi if has else None, mean=mean if has else None,
         variance=m2 / count if has else None,
         hist_edges=edges.tolist(), hist_counts=counts.tolist(),
-        kll=kll or None, kll_type="f32" if kind == 1 else "f64",
+        kll=kll or None, kll_type="f32" if flags & F32_SKETCH else "f64",
     )
     return summary, pos

@@ -30,7 +30,7 @@ from edge_runtime.contracts import (
 from edge_runtime.digest import bytes_digest, rows_digest
 from edge_runtime.store import LocalStore
 from edge_runtime.summary import KLL_K, MatrixAccumulator, SeriesAccumulator, decode_sketch, merge_summaries
-from edge_runtime.summary_format import FORMAT, GZIPPED, MAGIC, SummaryFormatError, encode
+from edge_runtime.summary_format import FORMAT, DEFLATED, MAGIC, SummaryFormatError, encode
 from edge_runtime.windows import Window
 
 F32 = np.float32
@@ -300,7 +300,7 @@ def encoded() -> list[bytes]:
                         features={"a": incompressible()}, score=incompressible())
     out = [encode(small.summary("dev", None, "0123456789ab")), encode(large.summary("dev", None, "0123456789ab")),
            encode(raw)]
-    assert [d[5] for d in out] == [GZIPPED, GZIPPED, 0]
+    assert [d[5] for d in out] == [DEFLATED, DEFLATED, 0]
     for data in out:
         load_summary(data, "whole.elws")  # undamaged, each reads
     return out
@@ -383,13 +383,13 @@ def framed(body: bytes, flags: int = 0) -> bytes:
 def test_well_framed_malformed_bodies_are_rejected():
     for head in (b"{}", b'{"series": []}', b'{"series": ["a"]}', b"[]", b"not json"):
         assert_rejected(framed(struct.pack("<I", len(head)) + head))
-    assert_rejected(framed(b"\x1f\x8b not gzip", GZIPPED))
+    assert_rejected(framed(b"\x1f\x8b not gzip", DEFLATED))
 
 
 @pytest.mark.parametrize("data", [
     framed(struct.pack("<I", 1) + b"1"),
     framed(struct.pack("<I", 4) + b"null"),
-    framed(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20, GZIPPED),
+    framed(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20, DEFLATED),
 ], ids=["number-header", "null-header", "corrupt-deflate"])
 def test_well_framed_bodies_that_break_the_parser_are_contract_errors(data):
     assert_rejected(data)
