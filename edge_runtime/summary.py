@@ -9,6 +9,9 @@ into one with the same meaning, so the cloud can roll windows up into days, devi
 from __future__ import annotations
 
 import math
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from datasketches import kll_doubles_sketch, kll_floats_sketch
@@ -158,18 +161,31 @@ def summarise(values: np.ndarray, hist_edges: list[float] | np.ndarray) -> Numer
 
 
 FOLD_ROWS = 4096  # rows buffered before the statistics are updated: amortises the per-call cost
+MAX_PENDING = 2  # blocks an accumulator may have waiting for the fold thread before update() waits
+_FOLDER: ThreadPoolExecutor | None = None
+
+
+def _folder() -> ThreadPoolExecutor:
+    """One thread for every accumulator's folds, in submission order."""
+    global _FOLDER
+    if _FOLDER is None:
+        _FOLDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-fold")
+    return _FOLDER
 
 
 class MatrixAccumulator:
     """``SeriesAccumulator`` for every column of a matrix at once, vectorised across columns.
 
     Rows are buffered and folded in blocks of ``FOLD_ROWS``, so the cost per call (dozens of
-    numpy calls) does not grow with how small the scoring batches are. Rows must be finite: the
-    decoder has already dead-lettered the rest and counted them with ``add_missing`` and
-    ``add_nonfinite``.
+    numpy calls) does not grow with how small the scoring batches are. With ``background`` (the
+    default on a machine with more than one core) a full block is folded on a thread of its own:
+    its sort, histogram and moments run without the GIL, beside the engine; only the KLL updates
+    hold it. ``summaries`` waits for the folds in flight. The rows handed to ``update`` must not be
+    changed afterwards. Rows must be finite: the decoder has already dead-lettered the rest and
+    counted them with ``add_missing`` and ``add_nonfinite``.
     """
 
-    def __init__(self, edges: list[list[float]], k: int = KLL_K) -> None:
+    def __init__(self, edges: list[list[float]], k: int = KLL_K, background: bool | None = None) -> None:
         f = len(edges)
         width = max((len(e) for e in edges), default=0)
         self.n_edges = [len(e) for e in edges]
@@ -189,13 +205,29 @@ class MatrixAccumulator:
         self.m2 = np.zeros(f)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
+        self.background = (os.cpu_count() or 1) > 1 if background is None else background
+        self._pending: deque[Future] = deque()
 
     def update(self, matrix: np.ndarray) -> None:
         if len(matrix):
             self._buffer.append(matrix)
             self._buffered += len(matrix)
             if self._buffered >= FOLD_ROWS:
-                self._fold()
+                block, self._buffer, self._buffered = self._buffer, [], 0
+                if self.background:
+                    while len(self._pending) >= MAX_PENDING:  # the fold thread is behind: wait for it
+                        self._pending.popleft().result()
+                    self._pending.append(_folder().submit(self._fold, block))
+                else:
+                    self._fold(block)
+
+    def _settle(self) -> None:
+        """Every block handed over is folded in; then the buffered rest."""
+        while self._pending:
+            self._pending.popleft().result()
+        if self._buffer:
+            block, self._buffer, self._buffered = self._buffer, [], 0
+            self._fold(block)
 
     def add_missing(self, column: int, n: int = 1) -> None:
         self.missing[column] += n
@@ -203,15 +235,12 @@ class MatrixAccumulator:
     def add_nonfinite(self, column: int, n: int = 1, nan: bool = False) -> None:
         (self.nan if nan else self.inf)[column] += n
 
-    def _fold(self) -> None:
+    def _fold(self, block: list[np.ndarray]) -> None:
         """Fold the buffered rows in: one sort per column pays for everything else. Sorted, a
         column's min and max are its ends, its histogram is a handful of binary searches for the
         bin edges, and the KLL sketch takes sorted input about twice as fast as unsorted (its
         guarantees hold for any input order)."""
-        if not self._buffer:
-            return
-        cols = np.concatenate(self._buffer).T.copy()  # (f, n), each row contiguous
-        self._buffer, self._buffered = [], 0
+        cols = np.concatenate(block).T.copy()  # (f, n), each row contiguous
         cols.sort(axis=1)  # in the input's precision (float32 from the decoder): half the bytes to move
         if cols.dtype != np.float32:
             cols = cols.astype(np.float32)
@@ -238,7 +267,7 @@ class MatrixAccumulator:
         self.count = total
 
     def summaries(self) -> list[NumericSummary]:
-        self._fold()
+        self._settle()
         has = self.count > 0
         out = []
         for j, k in enumerate(self.n_edges):

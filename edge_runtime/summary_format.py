@@ -85,7 +85,10 @@ def _series(s: NumericSummary) -> bytes:
         narrow = edges.astype("<f4")
     f32_edges = bool(np.array_equal(narrow.astype("<f8"), edges))
     kll = s.kll or b""
-    in_sketch = bool(kll) and s.kll_type == "f32" and _sketch_extremes(kll) == (s.min, s.max)
+    # a float sketch fed the float32 casts of exactly the values summarised holds min and max as
+    # float32 values: when they are float32 values themselves, the reader takes them from it
+    in_sketch = (bool(kll) and s.kll_type == "f32" and s.min is not None and s.max is not None
+                 and float(np.float32(s.min)) == s.min and float(np.float32(s.max)) == s.max)
     flags = ((F32_SKETCH if s.kll_type == "f32" else 0) | (WIDE_COUNTS if wide else 0)
              | (F32_EDGES if f32_edges else 0) | (EXTREMES_IN_SKETCH if in_sketch else 0))
     moments = _PAIR.pack(_f(s.mean), m2) if in_sketch else _MOMENTS.pack(_f(s.min), _f(s.max), _f(s.mean), m2)
