@@ -152,7 +152,7 @@ class FaultProxy:
         if mode not in _MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {_MODES}")
         with self._lock:
-            old, self._mode = self._mode, mode
+            old = self._mode
             if mode == "refuse":
                 victims, reset = list(self._conns), True
             elif old == "hang" and mode != "hang":
@@ -161,8 +161,10 @@ class FaultProxy:
                 victims, reset = [], False
             for conn in victims:
                 self._conns.discard(conn)
-        for conn in victims:
-            conn.close(reset=reset)
+                # closed before the mode changes: a pump held by "hang" must not forward what it
+                # holds in the moment between the switch and the close
+                conn.close(reset=reset)
+            self._mode = mode
 
     def stop(self) -> None:
         self._stopping.set()

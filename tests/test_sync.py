@@ -331,3 +331,28 @@ def _accepts(path) -> bool:
         return False
     finally:
         s.close()
+
+
+def test_encryption_and_multipart_with_conditional_puts(s3_bucket, moto_endpoint):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    store = S3Store(f"s3://{s3_bucket}/enc", endpoint_url=moto_endpoint, sse="AES256", multipart_threshold=5 << 20)
+    store.put("small.bin", b"x" * 100, if_absent=True)
+    big = os.urandom(12 << 20)  # over the threshold: two parts of 8 MiB and 4 MiB
+    store.put("big.bin", big, if_absent=True)
+    assert store.get("big.bin") == big
+    for key in ("enc/small.bin", "enc/big.bin"):
+        assert client.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
+    from edge_runtime.store import ObjectExists
+
+    with pytest.raises(ObjectExists):  # the conditional holds for a multipart upload too
+        store.put("big.bin", os.urandom(12 << 20), if_absent=True)
+    assert store.get("big.bin") == big
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # the refused one was aborted
+    kms = S3Store(f"s3://{s3_bucket}/kms", endpoint_url=moto_endpoint, sse="aws:kms", kms_key_id="alias/edgeloop")
+    kms.put("k.bin", b"secret", if_absent=True)
+    head = client.head_object(Bucket=s3_bucket, Key="kms/k.bin")
+    assert head["ServerSideEncryption"] == "aws:kms" and "edgeloop" in head.get("SSEKMSKeyId", "")
+    with pytest.raises(ValueError, match="aws:kms"):
+        S3Store(f"s3://{s3_bucket}", endpoint_url=moto_endpoint, sse="AES256", kms_key_id="alias/x")
