@@ -111,7 +111,7 @@ class Spool:
         self._memory = 0  # held in memory
         self._inflight: str | None = None
         self._drops = SpoolDrops()
-        self._lock_fh = None
+        self._lock_fd: int | None = None
         self.disk_full: str | None = None  # why, while writes fail for lack of space
         self.quarantined = 0
         self.replays: set[str] = set()
@@ -122,24 +122,21 @@ class Spool:
     def open(self) -> Spool:
         """Lock the directory, clean up after a crash, and build the index (the only full scan)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.root / LOCK, "a+")
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
             raise SpoolBusy(
                 f"spool {self.root} is in use by {holder}: two runtimes must not share one spool "
                 "(give each its own sinks.outbox, and its own device_id)") from None
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}\n")
-            fh.flush()
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}\n".encode())
         except OSError:
             pass  # a full disk: the lock holds without the note
-        self._lock_fh = fh
+        self._lock_fd = fd
         self._load_drops()
         self._load_ledger()
         self._scan()
@@ -154,9 +151,9 @@ class Spool:
             log.error("spool %s: %d objects (%d bytes) held in memory while the disk was full are lost at "
                       "stop: %s", self.root, len(held), self._memory, ", ".join(held[:5]) + (" ..." if len(held) > 5
                                                                                              else ""))
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _scan(self) -> None:
         stale = 0

@@ -852,3 +852,22 @@ def test_a_real_full_disk_loses_no_window(make_config, small_disk, tmp_path):
     assert len(store.puts) == len(set(store.puts))  # each object sent once
     # the header of each window tells whether the spool was writing when it closed
     assert [s.health.disk_full for _, s in sorted(got.items())] == [False, True, True, True, False, False]
+
+
+def test_the_cli_starts_scores_and_ships_on_a_disk_that_is_already_full(small_disk, bundle_dir, tmp_path):
+    """A device whose disk filled while it was down must not crash-loop on restart."""
+    import sys
+
+    fill(small_disk / "filler")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(record_line(r, ts=T0 + 10 * i) + "\n" for i, r in enumerate(normal_rows(300))))
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"device_id: full\nbundle: {bundle_dir}\nwindow: {{seconds: 600}}\n"
+                   f"sinks: {{events: {small_disk}/events.jsonl, dead_letter: {small_disk}/dl.jsonl, "
+                   f"outbox: {small_disk}/outbox}}\nstore: {{url: {tmp_path}/store}}\n")
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "--config", str(cfg), "--input", str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr and "scored=300" in proc.stdout
+    store = LocalStore(tmp_path / "store")
+    assert sum(load_summary(store.get(k), k).records for k in store.list("summaries/")) == 300

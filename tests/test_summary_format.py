@@ -30,7 +30,7 @@ from edge_runtime.contracts import (
 from edge_runtime.digest import bytes_digest, rows_digest
 from edge_runtime.store import LocalStore
 from edge_runtime.summary import KLL_K, MatrixAccumulator, SeriesAccumulator, decode_sketch, merge_summaries
-from edge_runtime.summary_format import FORMAT, DEFLATED, MAGIC, SummaryFormatError, encode
+from edge_runtime.summary_format import DEFLATED, FORMAT, MAGIC, SummaryFormatError, encode
 from edge_runtime.windows import Window
 
 F32 = np.float32
