@@ -169,6 +169,7 @@ class WindowHealth(_Strict):
     upload_failures: int | None = None
     writer_conflicts: int = Field(0, description="other runtimes seen writing as this device id")
     replays: int = Field(0, description="window parts not written because they repeated one already written")
+    lines_lost: int = Field(0, description="event and dead-letter lines that could not be written (disk full)")
 
 
 class WindowSummary(_Strict):

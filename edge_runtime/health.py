@@ -43,6 +43,7 @@ class Health:
     writer_conflicts: int = 0
     replays: int = 0
     spool: object | None = None  # the Spool, read for pending, bytes, disk_full and quarantined
+    lines_lost: Callable[[], int] = lambda: 0  # event and dead-letter lines a full disk refused
     score_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     arrival_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _recent_sizes: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -84,6 +85,7 @@ class Health:
             upload_failures=self.upload_failures,
             writer_conflicts=self.writer_conflicts,
             replays=self.replays,
+            lines_lost=self.lines_lost(),
         )
 
     def log_line(self) -> str:
@@ -100,6 +102,7 @@ class Health:
             + (f" spool={self.spool.pending}/{self.spool.bytes}B uploaded={self.uploaded} "
                f"upload_failures={self.upload_failures}" if self.spool is not None else "")
             + (" DISK_FULL" if self.spool is not None and self.spool.disk_full else "")
+            + (f" lines_lost={self.lines_lost()}" if self.lines_lost() else "")
             + (f" WRITER_CONFLICTS={self.writer_conflicts}" if self.writer_conflicts else "")
         )
 
@@ -137,6 +140,8 @@ class HealthCollector:
         yield CounterMetricFamily("edgeloop_writer_conflicts", "Other runtimes seen writing as this device",
                                   value=h.writer_conflicts)
         yield CounterMetricFamily("edgeloop_replays", "Window parts not written: input replayed", value=h.replays)
+        yield CounterMetricFamily("edgeloop_lines_lost", "Event and dead-letter lines a full disk refused",
+                                  value=h.lines_lost())
         if h.spool is not None:
             sp = h.spool
             yield GaugeMetricFamily("edgeloop_spool_objects", "Objects waiting for the store", value=sp.pending)

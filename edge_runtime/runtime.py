@@ -175,6 +175,7 @@ class EdgeRuntime:
         except BaseException:
             self.spool.close()
             raise
+        self.health.lines_lost = lambda: self.events.lost + self.dead_letter.lost
         self._parts: OrderedDict[tuple[str, float], int] = OrderedDict()
         self._checkpoint_at = time.monotonic()
         self._chores_at = time.monotonic()

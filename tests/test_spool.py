@@ -829,6 +829,7 @@ def test_a_real_full_disk_loses_no_window(make_config, small_disk, tmp_path):
     assert (stats.scored, stats.rejected, stats.windows) == (300, 2, 4)
     assert rt.spool.disk_full and rt.health.window_header().disk_full
     assert rt.events.lost > 0 and rt.events.failing and rt.dead_letter.lost == 2
+    assert rt.health.window_header().lines_lost == rt.events.lost + 2  # reported, not only counted
     kept = rt.spool.keys()
     assert len([k for k in kept if k.startswith("summaries/")]) == 4
     assert not any((outbox / k).exists() for k in kept)  # all in memory
