@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -133,6 +134,7 @@ class S3Store:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = url
         self.multipart_threshold = multipart_threshold
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.part_size = max(8 << 20, multipart_threshold // 2)
         self._sse: dict[str, str] = {}
         if sse:
@@ -170,10 +172,15 @@ class S3Store:
             raise
 
     def _put_multipart(self, full: str, data: bytes, cond: dict) -> None:
+        # one attempt is bounded as a whole, not only per request: a crawling link gives up and
+        # leaves the object in the spool for the next attempt
+        deadline = time.monotonic() + self.attempt_timeout(len(data))
         upload = self._call(self.client.create_multipart_upload, Key=full, **self._sse)["UploadId"]
         try:
             parts = []
             for no, lo in enumerate(range(0, len(data), self.part_size), start=1):
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.url}: {full}: upload slower than {self.attempt_timeout(len(data)):.0f} s")
                 chunk = data[lo:lo + self.part_size]
                 etag = self._call(self.client.upload_part, Key=full, UploadId=upload, PartNumber=no, Body=chunk)["ETag"]
                 parts.append({"PartNumber": no, "ETag": etag})
@@ -185,6 +192,12 @@ class S3Store:
             except Exception:
                 pass
             raise
+
+    def attempt_timeout(self, size: int) -> float:
+        """How long one multipart attempt may take: the per-request timeouts of each part, at least
+        a minute."""
+        parts = max(1, -(-size // self.part_size))
+        return max(60.0, (parts + 2) * (self.connect_timeout + self.read_timeout))
 
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Key=self.prefix + _check_key(key))
