@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from bench_service import T0, best_of, make_bundles, runtime_config, sensor_rows  # noqa: E402
+from bench_service import T0, make_bundles, runtime_config, sensor_rows  # noqa: E402
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -124,27 +125,40 @@ def bench_cost(work: Path, bundles: dict, rows: int, repeat: int) -> dict:
             with EdgeRuntime(runtime_config(work, bundle, "cost"), model=model) as rt:
                 rt.process(lines)
 
-        with_summaries = best_of(repeat, frames_in)
-        with_json = best_of(repeat, json_in)
         saved = (MatrixAccumulator.update, MatrixAccumulator.summaries, runtime_module.rows_digest,
                  runtime_module.encode)
-        try:  # the same engine with the summary work switched off
+
+        def summaries_off():  # the same engine with the summary work switched off
             MatrixAccumulator.update = lambda self, m: None
             MatrixAccumulator.summaries = lambda self: [_EMPTY] * len(self.n_edges)
             runtime_module.rows_digest = lambda v, t: 0
             runtime_module.encode = lambda s: b"x"
-            without = best_of(repeat, frames_in)
-            without_json = best_of(repeat, json_in)
-        finally:
+
+        def summaries_on(saved=saved):
             (MatrixAccumulator.update, MatrixAccumulator.summaries, runtime_module.rows_digest,
              runtime_module.encode) = saved
-        out[name] = {"frames": {"with_summaries_s": round(with_summaries, 3), "without_s": round(without, 3),
-                                "summary_share": round((with_summaries - without) / with_summaries, 3),
-                                "us_per_record_summaries": round((with_summaries - without) / rows * 1e6, 3)},
-                     "json_lines": {"with_summaries_s": round(with_json, 3), "without_s": round(without_json, 3),
-                                    "summary_share": round((with_json - without_json) / with_json, 3),
-                                    "us_per_record_summaries": round((with_json - without_json) / rows * 1e6, 3),
-                                    "us_per_record_end_to_end": round(with_json / rows * 1e6, 3)}}
+
+        times: dict = {(src, mode): [] for src in ("frames", "json") for mode in ("on", "off")}
+        try:  # alternating runs: this VM's speed drifts by tens of percent within a minute
+            for _ in range(repeat):
+                for mode in ("on", "off"):
+                    (summaries_on if mode == "on" else summaries_off)()
+                    for src, fn in (("frames", frames_in), ("json", json_in)):
+                        t = time.perf_counter()
+                        fn()
+                        times[(src, mode)].append(time.perf_counter() - t)
+        finally:
+            summaries_on()
+        out[name] = {}
+        for src in ("frames", "json"):
+            on, off = times[(src, "on")], times[(src, "off")]
+            med_on, med_off = statistics.median(on), statistics.median(off)
+            out[name][src] = {"median_with_s": round(med_on, 3), "median_without_s": round(med_off, 3),
+                              "min_with_s": round(min(on), 3), "min_without_s": round(min(off), 3),
+                              "share_by_median": round(1 - med_off / med_on, 3),
+                              "share_by_min": round(1 - min(off) / min(on), 3),
+                              "us_per_record_by_median": round((med_on - med_off) / rows * 1e6, 2),
+                              "us_per_record_end_to_end": round(med_on / rows * 1e6, 2)}
     return out
 
 

@@ -9,9 +9,6 @@ into one with the same meaning, so the cloud can roll windows up into days, devi
 from __future__ import annotations
 
 import math
-import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from datasketches import kll_doubles_sketch, kll_floats_sketch
@@ -161,31 +158,19 @@ def summarise(values: np.ndarray, hist_edges: list[float] | np.ndarray) -> Numer
 
 
 FOLD_ROWS = 4096  # rows buffered before the statistics are updated: amortises the per-call cost
-MAX_PENDING = 2  # blocks an accumulator may have waiting for the fold thread before update() waits
-_FOLDER: ThreadPoolExecutor | None = None
-
-
-def _folder() -> ThreadPoolExecutor:
-    """One thread for every accumulator's folds, in submission order."""
-    global _FOLDER
-    if _FOLDER is None:
-        _FOLDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-fold")
-    return _FOLDER
 
 
 class MatrixAccumulator:
     """``SeriesAccumulator`` for every column of a matrix at once, vectorised across columns.
 
     Rows are buffered and folded in blocks of ``FOLD_ROWS``, so the cost per call (dozens of
-    numpy calls) does not grow with how small the scoring batches are. With ``background`` (the
-    default on a machine with more than one core) a full block is folded on a thread of its own:
-    its sort, histogram and moments run without the GIL, beside the engine; only the KLL updates
-    hold it. ``summaries`` waits for the folds in flight. The rows handed to ``update`` must not be
-    changed afterwards. Rows must be finite: the decoder has already dead-lettered the rest and
-    counted them with ``add_missing`` and ``add_nonfinite``.
+    numpy calls) does not grow with how small the scoring batches are. Rows must be finite: the
+    decoder has already dead-lettered the rest and counted them with ``add_missing`` and
+    ``add_nonfinite``. (Folding on a thread of its own was tried: numpy's sort releases the GIL but
+    the KLL updates do not, and end to end it was no faster; see docs/benchmarks.md.)
     """
 
-    def __init__(self, edges: list[list[float]], k: int = KLL_K, background: bool | None = None) -> None:
+    def __init__(self, edges: list[list[float]], k: int = KLL_K) -> None:
         f = len(edges)
         width = max((len(e) for e in edges), default=0)
         self.n_edges = [len(e) for e in edges]
@@ -205,8 +190,6 @@ class MatrixAccumulator:
         self.m2 = np.zeros(f)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
-        self.background = (os.cpu_count() or 1) > 1 if background is None else background
-        self._pending: deque[Future] = deque()
 
     def update(self, matrix: np.ndarray) -> None:
         if len(matrix):
@@ -214,17 +197,10 @@ class MatrixAccumulator:
             self._buffered += len(matrix)
             if self._buffered >= FOLD_ROWS:
                 block, self._buffer, self._buffered = self._buffer, [], 0
-                if self.background:
-                    while len(self._pending) >= MAX_PENDING:  # the fold thread is behind: wait for it
-                        self._pending.popleft().result()
-                    self._pending.append(_folder().submit(self._fold, block))
-                else:
-                    self._fold(block)
+                self._fold(block)
 
     def _settle(self) -> None:
-        """Every block handed over is folded in; then the buffered rest."""
-        while self._pending:
-            self._pending.popleft().result()
+        """Fold in the rows still buffered."""
         if self._buffer:
             block, self._buffer, self._buffered = self._buffer, [], 0
             self._fold(block)

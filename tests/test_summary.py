@@ -52,15 +52,14 @@ def test_edges_must_agree_to_merge():
         merge_summaries([summarise(np.ones(3), EDGES), summarise(np.ones(3), [0.0])])
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["inline", "fold-thread"])
-def test_matrix_accumulator_matches_the_per_series_one_column_by_column(background):
+def test_matrix_accumulator_matches_the_per_series_one_column_by_column():
     from edge_runtime.summary import FOLD_ROWS, MatrixAccumulator
 
     rng = np.random.default_rng(5)
     edges = [EDGES, [0.5], [-2.0, -1.0, 0.0, 1.0, 2.0, 2.5], list(np.linspace(-3, 3, 40))]  # ragged; > 32 bins
     m = rng.normal(0, 1.5, (3 * FOLD_ROWS + 123, 4)).astype(np.float32)
     m[7, :] = [0.0, 0.5, 2.5, 0.0]  # values exactly on edges go to the bin above
-    acc = MatrixAccumulator(edges, background=background)
+    acc = MatrixAccumulator(edges)
     for lo in range(0, len(m), 1000):  # uneven batches across fold boundaries
         acc.update(m[lo:lo + 1000])
     acc.add_missing(1, 3)
