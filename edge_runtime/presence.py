@@ -81,6 +81,8 @@ class Presence:
         if time.time() - float(doc.get("seen", 0)) > FRESH_PERIODS * every:
             return False
         if doc.get("host") == self.host:  # same machine: a killed predecessor is not a second writer
+            if doc.get("pid") == self.pid:  # our own pid: a container restarted (PID 1 again)
+                return False
             try:
                 os.kill(int(doc.get("pid", 0)), 0)
             except ProcessLookupError:

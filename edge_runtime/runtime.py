@@ -90,6 +90,7 @@ class RejectTally:
             window.rejected += n
             window.rejected_by_reason[code] += n
         window.digest += self.digest
+        window.changed = True
         features, names = window.features, window.feature_names
         for name, n in self.missing.items():
             if name in names:
@@ -177,6 +178,7 @@ class EdgeRuntime:
             raise
         self.health.lines_lost = lambda: self.events.lost + self.dead_letter.lost
         self._parts: OrderedDict[tuple[str, float], int] = OrderedDict()
+        self._forgotten_before: float | None = None  # the latest window start no longer in _parts
         self._checkpoint_at = time.monotonic()
         self._chores_at = time.monotonic()
         self.window: Window | None = None
@@ -360,8 +362,13 @@ class EdgeRuntime:
         if window is None:
             return
         summary = self._summary(window, spool_dropped=None)
-        if self.spool.checkpoint(self.instance_id, encode(summary), self._samples(window)):
+        if self.spool.checkpoint(self._checkpoint_name(window), encode(summary), self._samples(window)):
             window.changed = False
+
+    def _checkpoint_name(self, window: Window) -> str:
+        """One checkpoint per window part: a part that closed into memory (disk full) keeps its own
+        until it is on disk or sent, whatever the next window checkpoints."""
+        return f"{self.instance_id}-{window.start:.0f}-p{window.part}"
 
     def _orphan_ts(self) -> float:
         return self.stream.event_ts if self.stream.event_ts is not None else self.clock()
@@ -519,13 +526,14 @@ class EdgeRuntime:
         key = (version, start)
         if key in self._parts:
             part = self._parts.pop(key) + 1
-        elif len(self._parts) >= RECENT_PARTS and start <= max(s for _, s in self._parts):
+        elif self._forgotten_before is not None and start <= self._forgotten_before:
             part = time.time_ns() // 1_000_000
         else:
             part = 0
         self._parts[key] = part
         while len(self._parts) > RECENT_PARTS:
-            self._parts.popitem(last=False)
+            (_, forgotten), _ = self._parts.popitem(last=False)
+            self._forgotten_before = max(self._forgotten_before or forgotten, forgotten)
         return part
 
     def _summary(self, window: Window, spool_dropped) -> WindowSummary:
@@ -545,6 +553,7 @@ class EdgeRuntime:
         summary = self._summary(window, drops)
         name, version, device = window.model_name, window.model_version, self.config.device_id
         identity = "|".join(map(str, summary.identity))
+        checkpoint = self._checkpoint_name(window)
         if (summary.records or summary.rejected) and self.spool.seen_before(identity):
             self.health.replays += 1
             log.warning("window %s of %s %s: the same %d records were summarised before (input replayed?): "
@@ -552,13 +561,15 @@ class EdgeRuntime:
                         summary.records + summary.rejected)
             if drops is not None:
                 self.spool.restore_drops(drops)
-            self.spool.clear_checkpoint(self.instance_id)
+            self.spool.clear_checkpoint(checkpoint)
         else:
             key = summary_key(name, version, device, summary.window_start, window.part, self.instance_id)
-            if not self.spool.put(key, encode(summary), summary.records, replaces_checkpoint=self.instance_id):
+            if self.spool.put(key, encode(summary), summary.records, replaces_checkpoint=checkpoint):
+                self.spool.remember(identity)
+            else:
                 if drops is not None:
                     self.spool.restore_drops(drops)
-                self.spool.clear_checkpoint(self.instance_id)  # dropped by the policy: counted
+                self.spool.clear_checkpoint(checkpoint)  # dropped by the policy: counted
             # after the summary: a kill in between costs these samples, never a sample file that a
             # recovered checkpoint would write again with other contents
             samples = self._samples(window)

@@ -143,7 +143,10 @@ class Service:
                     rt.handle(batch)
                 except Exception as err:  # a bug must cost one batch, never the service
                     rt.fail(batch, err)
-            rt.tick()
+            try:
+                rt.tick()
+            except Exception:  # a failing disk or a bug in the chores: logged, and serving goes on
+                log.exception("engine chores failed; serving goes on")
             if self._ready is not None:
                 model, self._ready = self._ready, None
                 rt.swap(model)

@@ -70,6 +70,7 @@ class Entry:
     created: float  # wall-clock seconds
     records: int | None = None  # records a summary counted, where known (for drop accounting)
     data: bytes | None = None  # held in memory while the disk is full
+    replaces: str | None = None  # the checkpoint this object supersedes, kept while it is only in memory
 
 
 def kind_of(key: str) -> str:
@@ -164,7 +165,7 @@ class Spool:
             for name in filenames:
                 path = here / name
                 if name.startswith(TEMP_PREFIX):
-                    path.unlink(missing_ok=True)  # a write a crash cut short; its object was never acknowledged
+                    _unlink(path)  # a write a crash cut short; its object was never acknowledged
                     stale += 1
                     continue
                 if name.startswith("."):
@@ -202,10 +203,11 @@ class Spool:
     def put(self, key: str, data: bytes, records: int | None = None, replaces_checkpoint: str | None = None) -> bool:
         """Hand an object over. False when the policy dropped it (counted). Never raises for a disk
         that is full (or failing): the object is then kept in memory. ``replaces_checkpoint``: the
-        instance whose checkpoint this object supersedes; it is removed once the object is on disk
-        and before the uploader can see it, so a kill never leaves both a checkpoint and a sent part."""
+        checkpoint this object supersedes. It is removed once the object is on disk, before the
+        uploader can see it, or once the store has it: so a kill never leaves both a checkpoint and
+        a sent part, and an object held only in memory keeps its checkpoint on disk."""
         kind = kind_of(key)
-        entry = Entry(key, kind, len(data), time.time(), records)
+        entry = Entry(key, kind, len(data), time.time(), records, replaces=replaces_checkpoint)
         with self._lock:
             if not self._make_room(entry, on_disk=True):
                 return False
@@ -219,8 +221,7 @@ class Spool:
                     return False
                 self._index(entry)
             return True
-        if replaces_checkpoint is not None:
-            self.clear_checkpoint(replaces_checkpoint)
+        self._settled(entry)
         with self._lock:
             self._index(entry)
         if self.disk_full and not self._memory:
@@ -276,9 +277,9 @@ class Spool:
                 d.summaries += carried.summaries
                 d.samples += carried.samples
                 d.records += carried.records
-        if e.data is None:
-            (self.root / e.key).unlink(missing_ok=True)
         self._count_drop(e, why)
+        if e.data is None:
+            _unlink(self.root / e.key)
         log.warning("spool: dropped %s (%s)", e.key, why)
 
     def _count_drop(self, e: Entry, why: str) -> None:
@@ -336,10 +337,8 @@ class Spool:
             return
         for q in self._queues.values():
             for e in list(q.values()):
-                if e.data is None or e.key == self._inflight:
-                    continue
                 with self._lock:
-                    if q.get(e.key) is not e:
+                    if e.data is None or e.key == self._inflight or q.get(e.key) is not e:
                         continue
                     room = self._room_on_disk(e)
                 if not room:
@@ -349,10 +348,15 @@ class Spool:
                 except OSError:
                     return
                 with self._lock:
-                    if q.get(e.key) is e:
+                    still = q.get(e.key) is e
+                    if still:
                         self._memory -= e.size
                         self._bytes += e.size
                         e.data = None
+                if still:
+                    self._settled(e)
+                else:  # sent from memory (or dropped) while it was being written: no orphan file
+                    _unlink(self.root / e.key)
         if not self._memory:
             self._disk_ok()
 
@@ -387,11 +391,12 @@ class Spool:
 
     # -- checkpoints of the open window ------------------------------------------------------------
 
-    def checkpoint(self, instance: str, summary: bytes, samples: bytes = b"") -> bool:
-        """Replace this instance's checkpoint; False (and nothing lost yet) if the disk is full."""
+    def checkpoint(self, name: str, summary: bytes, samples: bytes = b"") -> bool:
+        """Replace checkpoint ``name`` (one per window part); False (and nothing lost yet) if the
+        disk is full."""
         body = struct.pack("<I", len(summary)) + summary + samples
         blob = _CKPT.pack(b"ELCK", len(body), zlib.crc32(body)) + body
-        path = self.root / CHECKPOINTS / f"{instance}.ckpt"
+        path = self.root / CHECKPOINTS / f"{name}.ckpt"
         try:
             path.parent.mkdir(exist_ok=True)
             atomic_write(path, blob, self.fsync)
@@ -402,8 +407,19 @@ class Spool:
             self._disk_ok()
         return True
 
-    def clear_checkpoint(self, instance: str) -> None:
-        (self.root / CHECKPOINTS / f"{instance}.ckpt").unlink(missing_ok=True)
+    def clear_checkpoint(self, name: str) -> None:
+        path = self.root / CHECKPOINTS / f"{name}.ckpt"
+        if _unlink(path) and self.fsync:
+            try:  # the removal must not come back after a power cut once the part is visible
+                fsync_dir(path.parent)
+            except OSError:
+                pass
+
+    def _settled(self, e: Entry) -> None:
+        """``e`` is on disk or in the store: the checkpoint it supersedes can go."""
+        if e.replaces is not None:
+            self.clear_checkpoint(e.replaces)
+            e.replaces = None
 
     def _recover_checkpoints(self) -> None:
         """A checkpoint left here belongs to a runtime that was killed inside a window: what it had
@@ -415,26 +431,29 @@ class Spool:
             return
         for path in sorted(folder.iterdir()):
             if path.name.startswith(TEMP_PREFIX):
-                path.unlink(missing_ok=True)
+                _unlink(path)
                 continue
             try:
                 summary, samples = _read_checkpoint(path.read_bytes())
                 s = load_summary(summary, str(path))
+            except OSError as err:  # unreadable now (a failing disk): left for the next start
+                log.error("spool: checkpoint %s could not be read (%s); left in place", path, err)
+                continue
             except (Damaged, ContractError) as err:
                 self._set_aside(path, QUARANTINE, f"checkpoint {path.name}: {err}")
                 self.quarantined += 1
                 continue
             key = summary_key(s.model_name, s.model_version, s.device_id, s.window_start, s.part, s.instance_id)
             if key not in self._queues["summary"]:  # else: it closed normally and the crash came after
-                self.put(key, summary, s.records)
+                log.warning("recovered the open window of a runtime that stopped without closing it: %s "
+                            "(%d records)", key, s.records)
                 if samples:
                     self.put(outlier_key(s.model_name, s.model_version, s.device_id, s.window_start, s.part,
                                          s.instance_id), samples)
-                log.warning("recovered the open window of a runtime that stopped without closing it: %s "
-                            "(%d records)", key, s.records)
-                if self._queues["summary"].get(key) is not None and self._queues["summary"][key].data is not None:
-                    continue  # held in memory only (the disk is full): the checkpoint stays until it is on disk
-            path.unlink()
+                # the checkpoint goes once the part is on disk or sent, not before
+                self.put(key, summary, s.records, replaces_checkpoint=path.name.removesuffix(".ckpt"))
+            else:
+                self.clear_checkpoint(path.name.removesuffix(".ckpt"))
 
     # -- the uploader's side ----------------------------------------------------------------------
 
@@ -460,6 +479,9 @@ class Spool:
                     self._queues[e.kind].pop(e.key)
                     self._forget(e)
             return None
+        except OSError as err:  # unreadable (a bad sector, permissions): aside, so the rest go on
+            self.quarantine(e, f"unreadable ({err.strerror or err})")
+            return None
 
     def done(self, e: Entry) -> None:
         """The store has it: forget it."""
@@ -469,7 +491,8 @@ class Spool:
                 self._forget(e)
             self._inflight = None
         if e.data is None:
-            (self.root / e.key).unlink(missing_ok=True)
+            _unlink(self.root / e.key)
+        self._settled(e)
 
     def requeue(self, e: Entry) -> None:
         """To the back of its queue: an object the store keeps refusing must not hold up the rest."""
@@ -505,16 +528,17 @@ class Spool:
             os.replace(path, target)
             log.error("spool: %s; moved to %s, not sent", why, target)
         except OSError as err:
-            path.unlink(missing_ok=True)
+            _unlink(path)
             log.error("spool: %s; removed (could not move it aside: %s)", why, err)
 
     # -- replays ----------------------------------------------------------------------------------
 
     def seen_before(self, identity: str) -> bool:
-        """True if a window part with this identity was written before (the input was replayed);
-        else remember it."""
-        if identity in self._ledger:
-            return True
+        """True if a window part with this identity was written before: the input was replayed."""
+        return identity in self._ledger
+
+    def remember(self, identity: str) -> None:
+        """A window part with this identity is in the spool (call after ``put``)."""
         self._ledger[identity] = None
         while len(self._ledger) > LEDGER_KEEP:
             self._ledger.popitem(last=False)
@@ -525,7 +549,6 @@ class Spool:
                 atomic_write(self.root / LEDGER, b"".join(k.encode() + b"\n" for k in self._ledger), False)
         except OSError:
             pass  # a full disk: remembered in memory; the fleet review dedupes as well
-        return False
 
     def _load_ledger(self) -> None:
         try:
@@ -561,6 +584,19 @@ class Spool:
             self._drops = SpoolDrops.model_validate_json((self.root / DROPS).read_bytes())
         except (OSError, ValueError):
             self._drops = SpoolDrops()
+
+
+def _unlink(path: Path) -> bool:
+    """Remove ``path``; True if it was there. A failing disk (read-only, I/O errors) is logged, not
+    raised: it must not stop scoring."""
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        log.error("spool: could not remove %s: %s", path, err)
+        return False
 
 
 def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:

@@ -72,13 +72,16 @@ class Uploader:
         try:
             data = self.spool.read(e)
             if data is None:
-                return True  # dropped by the spool's policy meanwhile
+                return True  # dropped by the spool's policy meanwhile, or unreadable and set aside
             try:
                 verify(e.key, data)
             except Damaged as err:
                 self.spool.quarantine(e, f"damaged ({err})")
                 return True
             return self._put(e, data)
+        except Exception:
+            self.spool.requeue(e)  # whatever went wrong with this one, the rest go first
+            raise
         finally:
             self.spool.release()
 
@@ -98,8 +101,9 @@ class Uploader:
     def _settle_existing(self, e: Entry, data: bytes) -> bool:
         try:
             existing = self.store.get(e.key)
-        except ObjectNotFound:
-            return False  # gone again (a lifecycle rule?): retry the put
+        except ObjectNotFound as err:  # gone again (a lifecycle rule?): retry the put, after a pause
+            self._failed(e, err)
+            return False
         except Exception as err:
             self._failed(e, err)
             return False
@@ -158,7 +162,9 @@ class Uploader:
                 # proportion keeps a backlog's drain from slowing the engine thread
                 self._stopping.wait((time.thread_time() - cpu) * (1.0 / self.cpu_share - 1.0))
             if result is None:
-                self._wake.wait(self.presence.due_in() if self.presence is not None else None)
+                # presence is announced only while the store answers; while it is down, wait for news
+                announce = self.presence is not None and self._down_since is None
+                self._wake.wait(self.presence.due_in() if announce else None)
                 self._wake.clear()
 
     def stop(self, timeout: float) -> None:

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from helpers import normal_rows, read_samples, record_line, window_name
@@ -28,6 +29,7 @@ from edge_runtime import sinks as sinks_module
 from edge_runtime import spool as spool_module
 from edge_runtime import store as store_module
 from edge_runtime.contracts import RuntimeConfig, SpoolConfig, load_summary
+from edge_runtime.health import Health
 from edge_runtime.runtime import EdgeRuntime
 from edge_runtime.sinks import JsonlSink
 from edge_runtime.spool import Spool, SpoolBusy
@@ -622,6 +624,11 @@ def spike_rows(n: int, seed: int = 0, every: int = 25):
     return rows
 
 
+def checkpoint_of(rt) -> Path:
+    """The open window's checkpoint file (one per window part)."""
+    return rt.spool.root / ".checkpoint" / f"{rt._checkpoint_name(rt.window)}.ckpt"
+
+
 def test_a_killed_runtimes_checkpoint_becomes_a_part_of_its_window(make_config, tmp_path, caplog):
     config = make_config()
     rows = spike_rows(70)
@@ -630,7 +637,7 @@ def test_a_killed_runtimes_checkpoint_becomes_a_part_of_its_window(make_config, 
     outliers_so_far = rt.window.outliers
     assert outliers_so_far >= 2
     rt.checkpoint()
-    assert (tmp_path / "outbox" / ".checkpoint" / f"{rt.instance_id}.ckpt").is_file()
+    assert checkpoint_of(rt).is_file()
     rt.process(record_line(r, ts=T0 + 50 + i) for i, r in enumerate(rows[50:]))  # after the checkpoint: lost
     old = rt.instance_id
     kill(rt)
@@ -639,7 +646,7 @@ def test_a_killed_runtimes_checkpoint_becomes_a_part_of_its_window(make_config, 
     with caplog.at_level(logging.WARNING, logger="edge_runtime.spool"):
         rt2 = EdgeRuntime(config, store=store)
     assert any("recovered the open window" in r.getMessage() for r in caplog.records)
-    assert not (tmp_path / "outbox" / ".checkpoint" / f"{old}.ckpt").exists()
+    assert not list((tmp_path / "outbox" / ".checkpoint").glob(f"{old}-*.ckpt"))
     keys = rt2.spool.keys()
     assert len(keys) == 2 and all(f"-{old}-p0." in k for k in keys)  # under the killed instance's id
     rt2.close()
@@ -659,7 +666,7 @@ def test_a_damaged_checkpoint_is_quarantined_not_loaded(make_config, tmp_path, c
     rt = EdgeRuntime(config, store=Store(tmp_path / "store", online=False))
     rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(normal_rows(30)))
     rt.checkpoint()
-    path = tmp_path / "outbox" / ".checkpoint" / f"{rt.instance_id}.ckpt"
+    path = checkpoint_of(rt)
     blob = bytearray(path.read_bytes())
     kill(rt)
     if damage == "truncated":
@@ -686,7 +693,7 @@ def test_a_checkpoint_of_a_window_already_written_is_not_added_twice(make_config
     rt = EdgeRuntime(config, store=Store(tmp_path / "store", online=False))
     rt.process(record_line(r, ts=T0 + i) for i, r in enumerate(normal_rows(40)))
     rt.checkpoint()
-    ckpt = outbox / ".checkpoint" / f"{rt.instance_id}.ckpt"
+    ckpt = checkpoint_of(rt)
     saved = ckpt.read_bytes()
     rt.process(record_line(r, ts=T0 + 40 + i) for i, r in enumerate(normal_rows(20, seed=1)))
     rt.close(upload_timeout=0.1)  # the window is written whole (60 records); its checkpoint cleared
@@ -872,3 +879,142 @@ def test_the_cli_starts_scores_and_ships_on_a_disk_that_is_already_full(small_di
     assert "No space left on device" in proc.stderr and "scored=300" in proc.stdout
     store = LocalStore(tmp_path / "store")
     assert sum(load_summary(store.get(k), k).records for k in store.list("summaries/")) == 300
+
+
+# -- regressions found in review ---------------------------------------------------------------------
+
+def _part(rows: int, start: float = T0, part: int = 0, instance: str = "0123456789ab"):
+    """A real encoded summary part: (key, bytes, records)."""
+    from edge_runtime.contracts import summary_key
+    from edge_runtime.summary import MatrixAccumulator
+    from edge_runtime.summary_format import encode
+    from edge_runtime.windows import Window
+
+    w = Window(start=start, end=start + 3600, model_name="m", model_version="1.0.0", feature_names=["a"],
+               features=MatrixAccumulator([[0.0]]), score=MatrixAccumulator([[1.0]]), part=part)
+    w.features.update(np.random.default_rng(rows).normal(size=(rows, 1)).astype(np.float32))
+    w.score.update(np.ones((rows, 1), np.float32))
+    w.records = rows
+    s = w.summary("dev", None, instance)
+    return summary_key("m", "1.0.0", "dev", s.window_start, part, instance), encode(s), rows
+
+
+def _summaries_refused(spool: Spool, monkeypatch) -> None:
+    """A disk with room for small files but not for summaries."""
+    real = spool._write
+
+    def write(key, data):
+        if key.startswith("summaries/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(key, data)
+
+    monkeypatch.setattr(spool, "_write", write)
+
+
+def test_a_window_held_in_memory_keeps_its_checkpoint_when_the_next_window_checkpoints(tmp_path, monkeypatch):
+    root = tmp_path / "spool"
+    spool = Spool(root).open()
+    _summaries_refused(spool, monkeypatch)
+    key, early, _ = _part(100)
+    spool.checkpoint("i-w1", early)
+    key, final, records = _part(150)
+    assert spool.put(key, final, records, replaces_checkpoint="i-w1")  # held in memory: the disk refused it
+    assert spool.checkpoint("i-w2", _part(10, T0 + 3600)[1])  # the next window's checkpoint fits
+    os.close(spool._lock_fd)  # kill -9: the memory copy is gone
+    again = Spool(root).open()
+    assert key in again.keys()  # the window's checkpoint survived and became its part
+    assert load_summary((root / key).read_bytes(), key).records == 100
+
+
+def test_a_window_sent_from_memory_leaves_no_checkpoint_to_conflict_with(tmp_path, monkeypatch):
+    root, store = tmp_path / "spool", LocalStore(tmp_path / "store")
+    spool = Spool(root).open()
+    _summaries_refused(spool, monkeypatch)
+    key, early, _ = _part(100)
+    spool.checkpoint("i-w1", early)
+    key, final, records = _part(150)
+    spool.put(key, final, records, replaces_checkpoint="i-w1")
+    health = Health()
+    assert Uploader(spool, store, health).send_one() is True  # sent from memory
+    spool.close()
+    again = Spool(root).open()
+    assert again.keys() == [] and Uploader(again, store, health).send_one() is None
+    assert health.writer_conflicts == 0 and store.get(key) == final
+
+
+def test_the_uploader_waits_quietly_when_the_store_is_down_and_the_spool_empties(tmp_path):
+    import threading
+
+    from edge_runtime.presence import Presence
+
+    spool = Spool(tmp_path / "spool").open()
+    store = Store(tmp_path / "store", online=False)
+    calls = {"next": 0}
+    real_next = spool.next
+
+    def counting_next():
+        calls["next"] += 1
+        return real_next()
+
+    spool.next = counting_next
+    key, data, _ = _part(10)
+    spool.put(key, data)
+    up = Uploader(spool, store, Health(), Presence(store, "dev", "0123456789ab", every_s=0.05), backoff_max_s=0.1)
+    up.start()
+    time.sleep(0.3)  # at least one failure: the store counts as down
+    with spool._lock:  # the object leaves the spool while the store is down (expired, say)
+        spool._drop(spool._queues["summary"][key], "test")
+    time.sleep(0.2)
+    before = calls["next"]
+    time.sleep(1.0)
+    up.stop(1.0)
+    assert calls["next"] - before < 50  # a hot loop makes hundreds of thousands of calls a second
+    assert threading.active_count() < 50
+
+
+def test_an_unreadable_spool_file_is_set_aside_and_the_rest_go_on(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool").open()
+    keys = []
+    for i in range(3):
+        key, data, _ = _part(10 + i, T0 + 3600 * i)
+        spool.put(key, data)
+        keys.append(key)
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == keys[0].rsplit("/", 1)[1] and ".quarantine" not in str(self):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    store = LocalStore(tmp_path / "store")
+    up = Uploader(spool, store)
+    while up.send_one() is not None:
+        pass
+    assert sorted(store.list("summaries/")) == sorted(keys[1:])
+    assert spool.quarantined == 1 and (spool.root / ".quarantine" / keys[0]).exists()
+
+
+def test_a_part_forgotten_behind_older_windows_is_never_numbered_again(make_config, monkeypatch):
+    from edge_runtime import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "RECENT_PARTS", 3)
+    rt = EdgeRuntime(make_config())
+    try:
+        assert rt._next_part("1.0.0", 100.0) == 0  # a live window
+        for start in (1.0, 2.0, 3.0):  # a backfill of older windows pushes it out
+            rt._next_part("1.0.0", start)
+        assert rt._next_part("1.0.0", 100.0) > 1_000_000_000_000  # not part 0 again
+    finally:
+        rt.close()
+
+
+def test_a_presence_note_with_our_own_host_and_pid_is_a_restarted_container_not_a_second_writer(tmp_path):
+    from edge_runtime.presence import Presence
+
+    store = LocalStore(tmp_path / "store")
+    before = Presence(store, "dev", "aaaaaaaaaaaa", every_s=60)
+    before.announce(Health())  # the container's previous life, PID 1 as now
+    now = Presence(store, "dev", "bbbbbbbbbbbb", every_s=60)
+    health = Health()
+    assert now.announce(health) == [] and health.writer_conflicts == 0

@@ -170,6 +170,8 @@ def test_two_runtimes_with_one_device_id_overwrite_nothing_and_see_each_other(
                              sinks={"events": str(d / "events.jsonl"), "dead_letter": str(d / "dl.jsonl"),
                                     "outbox": str(d / "outbox")})
         runtimes.append(EdgeRuntime(config))
+    # one process here; on a device they would be two: the second writer says it is our parent
+    runtimes[1].uploader.presence.pid = os.getppid()
     with caplog.at_level(logging.ERROR):
         for rt in runtimes:
             rt.uploader.start()
