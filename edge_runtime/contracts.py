@@ -210,10 +210,28 @@ class WindowSummary(_Strict):
 # --- runtime configuration --------------------------------------------------------------------
 
 
+class MqttConfig(_Strict):
+    """An MQTT broker (AWS IoT Core's endpoint, or any): records from its topics."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535, description="8883 for TLS, as AWS IoT Core")
+    topics: list[str] = Field(default_factory=lambda: ["edgeloop/records"], min_length=1)
+    client_id: str | None = Field(None, description="default: edgeloop-<device_id>")
+    qos: Literal[0, 1] = Field(1, description="1: a record is acknowledged only once the service has it")
+    persistent_session: bool = Field(
+        True, description="the broker keeps QoS 1 messages for us while we are away (clean_session false)"
+    )
+    ca_file: str | None = Field(None, description="TLS: the CA that signed the broker's certificate")
+    cert_file: str | None = Field(None, description="mutual TLS: this device's certificate")
+    key_file: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_max_s: float = Field(60.0, gt=0, le=3600, description="backoff from 1 s, doubling, with jitter")
+
+
 class SourceConfig(_Strict):
     """Where records come from. ``kind`` defaults to ``stdin`` for path '-', else ``file``."""
 
-    kind: Literal["file", "stdin", "tail", "tcp", "unix"] | None = None
+    kind: Literal["file", "stdin", "tail", "tcp", "unix", "mqtt"] | None = None
     path: str = Field("-", description="file, tailed file or Unix socket path; '-' is standard input")
     host: str = Field("127.0.0.1", description="tcp: the address to listen on")
     port: int = Field(0, ge=0, le=65535, description="tcp: the port (0 picks a free one)")
@@ -224,6 +242,7 @@ class SourceConfig(_Strict):
     )
     from_start: bool = Field(False, description="tail: read what the file already holds first")
     poll_ms: int = Field(200, gt=0, le=60_000, description="tail: how often to look for new data")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     parse_workers: int = Field(
         0, ge=0, le=64,
         description="JSON lines: processes that parse ahead of the engine, so a second core decodes while the "
@@ -456,6 +475,9 @@ def resolve_paths(config: RuntimeConfig, base: Path) -> RuntimeConfig:
 
     config.bundle = rel(config.bundle)
     config.source.path = rel(config.source.path)
+    mqtt = config.source.mqtt
+    mqtt.ca_file, mqtt.cert_file, mqtt.key_file = (None if p is None else rel(p)
+                                                   for p in (mqtt.ca_file, mqtt.cert_file, mqtt.key_file))
     config.sinks.events = rel(config.sinks.events)
     config.sinks.dead_letter = rel(config.sinks.dead_letter)
     config.sinks.outbox = rel(config.sinks.outbox)

@@ -60,7 +60,8 @@ class Service:
         try:
             model = load_model(config.bundle, config.scoring, bundle=bundle, max_batch=config.batch.max_records)
             self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
-            self.source = source or open_source(config.source, config.batch.max_records, input_path)
+            self.source = source or open_source(config.source, config.batch.max_records, input_path,
+                                                client_id=f"edgeloop-{config.device_id}")
         except BaseException:  # a start that fails leaves no worker processes behind
             if self._parse is not None:
                 self._parse.close()

@@ -399,11 +399,15 @@ class SocketSource:
         self.listener.close()
 
 
-def open_source(config: SourceConfig, chunk: int, path: str | None = None) -> Source:
+def open_source(config: SourceConfig, chunk: int, path: str | None = None, client_id: str = "edgeloop") -> Source:
     """The source a config names; ``path`` overrides the file (``--input``), '-' meaning stdin."""
     kind = config.resolved_kind
     if path is not None:
         kind = "stdin" if path == "-" else "file"
+    if kind == "mqtt":
+        from .mqtt import MqttSource
+
+        return MqttSource(config, client_id)
     if kind == "stdin":
         return StdinSource(config, chunk)
     if kind == "file":

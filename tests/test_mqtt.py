@@ -1,0 +1,172 @@
+"""MQTT as a record source, against a real broker (Debian's mosquitto, started here on loopback
+with plain, TLS and mutual-TLS listeners; see broker.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+from broker import Broker
+from helpers import normal_rows, read_jsonl, record_line
+
+from edge_runtime.contracts import load_summary
+from edge_runtime.frames import encode_frame
+from edge_runtime.service import Service
+from edge_runtime.store import LocalStore
+
+pytestmark = pytest.mark.skipif(not Broker.available(), reason="mosquitto is not installed (.ci/run installs it)")
+
+T0 = 1_793_491_200
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    b = Broker(tmp_path_factory.mktemp("mosquitto")).start()
+    yield b
+    b.stop()
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {predicate}")
+
+
+def publish(broker: Broker, topic: str, messages: list[bytes], listener: str = "plain") -> None:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    if listener != "plain":
+        c = broker.certs
+        client.tls_set(ca_certs=str(c.ca), certfile=str(c.client_cert), keyfile=str(c.client_key))
+    client.connect("127.0.0.1", broker.ports[listener])
+    client.loop_start()
+    try:
+        for m in messages:
+            client.publish(topic, m, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def mqtt_config(make_config, broker, topic, listener="plain", cert=None, **extra):
+    c = broker.certs
+    mqtt = {"host": "127.0.0.1", "port": broker.ports[listener], "topics": [topic],
+            "client_id": f"edgeloop-test-{topic.replace('/', '-')}"}
+    if listener != "plain":
+        mqtt["ca_file"] = str(c.ca)
+    if cert == "client":
+        mqtt.update(cert_file=str(c.client_cert), key_file=str(c.client_key))
+    elif cert == "stranger":
+        mqtt.update(cert_file=str(c.stranger_cert), key_file=str(c.stranger_key))
+    return make_config(source={"kind": "mqtt", "mqtt": mqtt, "max_message_bytes": 4096, **extra},
+                       health={"log_interval_s": 0}, window={"seconds": 3600})
+
+
+@contextmanager
+def serving(config):
+    service = Service(config)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
+    thread.start()
+    assert service.started.wait(15)
+    try:
+        yield service, out
+    finally:
+        service.request_stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def summaries(tmp_path) -> list:
+    store = LocalStore(tmp_path / "store")
+    return [load_summary(store.get(k), k) for k in store.list("summaries/")]
+
+
+def test_records_from_a_topic_one_or_an_array_per_message_with_bad_messages_dead_lettered(
+        make_config, broker, tmp_path):
+    rows = normal_rows(8)
+    lines = [record_line(r, ts=T0 + i, rid=f"m{i}") for i, r in enumerate(rows)]
+    messages = [
+        lines[0].encode(),                                    # one record
+        ("[" + ",".join(lines[1:4]) + "]").encode(),          # an array of three
+        lines[4].encode(), lines[5].encode(),
+        b"not json at all",
+        bytes(range(256)) * 2,                                # binary junk
+        b"[" + b"1," * 3000 + b"1]",                          # over max_message_bytes
+        json.dumps({"ts": T0, "features": [1, 2]}).encode(),  # wrong shape
+        lines[6].encode(), lines[7].encode(),                 # later records still scored
+    ]
+    config = mqtt_config(make_config, broker, "plant/records")
+    with serving(config) as (svc, _):
+        wait_for(svc.source.connected.is_set)
+        publish(broker, "plant/records", messages)
+        wait_for(lambda: svc.health.records_in >= 12)
+        assert svc.health.scored == 8
+    (s,) = summaries(tmp_path)
+    assert (s.records, s.rejected) == (8, 4)
+    reasons = sorted(d["code"] for d in read_jsonl(tmp_path / "dead-letter.jsonl"))
+    assert reasons == ["malformed_json", "malformed_json", "too_long", "wrong_shape"]
+    assert all(d["source"] == "mqtt:plant/records" for d in read_jsonl(tmp_path / "dead-letter.jsonl"))
+
+
+def test_frames_from_a_topic(make_config, broker, tmp_path):
+    import numpy as np
+
+    rows = normal_rows(300).astype(np.float32)
+    frames = [encode_frame(rows[i:i + 100], np.arange(T0 + i, T0 + i + 100, dtype=float)) for i in (0, 100, 200)]
+    config = mqtt_config(make_config, broker, "plant/frames", format="frames")
+    with serving(config) as (svc, _):
+        wait_for(svc.source.connected.is_set)
+        publish(broker, "plant/frames", frames + [b"ELF1 but not a frame"])
+        wait_for(lambda: svc.health.records_in >= 301)
+    (s,) = summaries(tmp_path)
+    assert (s.records, s.rejected, s.rejected_by_reason) == (300, 1, {"bad_frame": 1})
+
+
+@pytest.mark.parametrize("listener,cert", [("tls", None), ("mtls", "client")])
+def test_tls_and_mutual_tls(make_config, broker, tmp_path, listener, cert):
+    rows = normal_rows(5)
+    config = mqtt_config(make_config, broker, f"secure/{listener}", listener=listener, cert=cert)
+    with serving(config) as (svc, _):
+        wait_for(svc.source.connected.is_set)
+        assert svc.source.endpoint.startswith("mqtts://")
+        publish(broker, f"secure/{listener}", [record_line(r, ts=T0 + i).encode() for i, r in enumerate(rows)],
+                listener="mtls")
+        wait_for(lambda: svc.health.scored >= 5)
+    assert sum(s.records for s in summaries(tmp_path)) == 5
+
+
+def test_a_refused_client_certificate_is_a_clear_error_retried_with_backoff_not_a_crash(
+        make_config, broker, caplog):
+    config = mqtt_config(make_config, broker, "secure/refused", listener="mtls", cert="stranger")
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.mqtt"):
+        with serving(config) as (svc, out):
+            wait_for(lambda: len([r for r in caplog.records if "cannot connect" in r.getMessage()]) >= 2, 10)
+            assert not svc.source.connected.is_set()
+    errors = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert f"mqtts://127.0.0.1:{broker.ports['mtls']}" in errors[0]
+    assert "retrying in" in errors[0] and len(errors) < 10  # backoff, not a hot loop
+    assert out["stats"].scored == 0  # and the service stopped cleanly
+
+
+def test_no_record_is_lost_across_a_broker_restart(make_config, broker, tmp_path):
+    rows = normal_rows(40)
+    lines = [record_line(r, ts=T0 + i).encode() for i, r in enumerate(rows)]
+    config = mqtt_config(make_config, broker, "plant/restart")
+    with serving(config) as (svc, _):
+        wait_for(svc.source.connected.is_set)
+        publish(broker, "plant/restart", lines[:20])
+        wait_for(lambda: svc.health.scored >= 20)
+        broker.restart(down_s=0.5)  # the runtime's session survives in the broker's persistence
+        publish(broker, "plant/restart", lines[20:])  # QoS 1, kept for the runtime until it is back
+        wait_for(lambda: svc.health.scored >= 40, timeout=30)
+    assert sum(s.records for s in summaries(tmp_path)) == 40
