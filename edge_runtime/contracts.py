@@ -170,6 +170,8 @@ class WindowHealth(_Strict):
     writer_conflicts: int = Field(0, description="other runtimes seen writing as this device id")
     replays: int = Field(0, description="window parts not written because they repeated one already written")
     lines_lost: int = Field(0, description="event and dead-letter lines that could not be written (disk full)")
+    events_published: int = Field(0, description="events and heartbeats the broker acknowledged (publish)")
+    events_dropped: int = Field(0, description="events dropped by a full publish queue while the broker was away")
 
 
 class WindowSummary(_Strict):
@@ -210,14 +212,12 @@ class WindowSummary(_Strict):
 # --- runtime configuration --------------------------------------------------------------------
 
 
-class MqttConfig(_Strict):
-    """An MQTT broker (AWS IoT Core's endpoint, or any): records from its topics."""
+class MqttConnection(_Strict):
+    """An MQTT broker: AWS IoT Core's endpoint (8883, mutual TLS with the device certificate), or any."""
 
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535, description="8883 for TLS, as AWS IoT Core")
-    topics: list[str] = Field(default_factory=lambda: ["edgeloop/records"], min_length=1)
-    client_id: str | None = Field(None, description="default: edgeloop-<device_id>")
-    qos: Literal[0, 1] = Field(1, description="1: a record is acknowledged only once the service has it")
+    client_id: str | None = Field(None, description="default: edgeloop-<device_id> (with -pub for publishing)")
     persistent_session: bool = Field(
         True, description="the broker keeps QoS 1 messages for us while we are away (clean_session false)"
     )
@@ -226,6 +226,32 @@ class MqttConfig(_Strict):
     key_file: str | None = None
     keepalive_s: int = Field(30, ge=5, le=3600)
     reconnect_max_s: float = Field(60.0, gt=0, le=3600, description="backoff from 1 s, doubling, with jitter")
+
+
+class MqttConfig(MqttConnection):
+    """Records from a broker's topics."""
+
+    topics: list[str] = Field(default_factory=lambda: ["edgeloop/records"], min_length=1)
+    qos: Literal[0, 1] = Field(1, description="1: a record is acknowledged only once the service has it")
+
+
+class PublishConfig(_Strict):
+    """Where outlier events and a health heartbeat go besides the local events file."""
+
+    kind: Literal["none", "mqtt"] = "none"
+    mqtt: MqttConnection = Field(default_factory=MqttConnection)
+    events_topic: str = Field("edgeloop/{device_id}/outliers", description="{device_id} is filled in")
+    health_topic: str = Field("edgeloop/{device_id}/health")
+    heartbeat_s: float = Field(60.0, ge=0, description="the health counters this often; 0: never")
+    qos: Literal[0, 1] = 1
+    max_queue: int = Field(10_000, gt=0, le=1_000_000, description="events held while the broker is away")
+    when_full: Literal["drop_oldest", "drop_new"] = Field(
+        "drop_oldest", description="which events go when the queue is full; drops are counted in health"
+    )
+    max_payload_bytes: int = Field(
+        128 * 1024, ge=256, le=128 * 1024,
+        description="AWS IoT Core's limit: a larger event is published as a reference to its outlier sample",
+    )
 
 
 class SourceConfig(_Strict):
@@ -385,6 +411,7 @@ class RuntimeConfig(_Strict):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     @field_validator("device_id")
@@ -475,9 +502,9 @@ def resolve_paths(config: RuntimeConfig, base: Path) -> RuntimeConfig:
 
     config.bundle = rel(config.bundle)
     config.source.path = rel(config.source.path)
-    mqtt = config.source.mqtt
-    mqtt.ca_file, mqtt.cert_file, mqtt.key_file = (None if p is None else rel(p)
-                                                   for p in (mqtt.ca_file, mqtt.cert_file, mqtt.key_file))
+    for mqtt in (config.source.mqtt, config.publish.mqtt):
+        mqtt.ca_file, mqtt.cert_file, mqtt.key_file = (None if p is None else rel(p)
+                                                       for p in (mqtt.ca_file, mqtt.cert_file, mqtt.key_file))
     config.sinks.events = rel(config.sinks.events)
     config.sinks.dead_letter = rel(config.sinks.dead_letter)
     config.sinks.outbox = rel(config.sinks.outbox)

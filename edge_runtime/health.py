@@ -44,6 +44,8 @@ class Health:
     replays: int = 0
     spool: object | None = None  # the Spool, read for pending, bytes, disk_full and quarantined
     lines_lost: Callable[[], int] = lambda: 0  # event and dead-letter lines a full disk refused
+    events_published: int = 0
+    events_dropped: int = 0
     score_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     arrival_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _recent_sizes: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -86,6 +88,8 @@ class Health:
             writer_conflicts=self.writer_conflicts,
             replays=self.replays,
             lines_lost=self.lines_lost(),
+            events_published=self.events_published,
+            events_dropped=self.events_dropped,
         )
 
     def log_line(self) -> str:
@@ -142,6 +146,10 @@ class HealthCollector:
         yield CounterMetricFamily("edgeloop_replays", "Window parts not written: input replayed", value=h.replays)
         yield CounterMetricFamily("edgeloop_lines_lost", "Event and dead-letter lines a full disk refused",
                                   value=h.lines_lost())
+        yield CounterMetricFamily("edgeloop_events_published", "Events and heartbeats the broker acknowledged",
+                                  value=h.events_published)
+        yield CounterMetricFamily("edgeloop_events_dropped", "Events dropped by a full publish queue",
+                                  value=h.events_dropped)
         if h.spool is not None:
             sp = h.spool
             yield GaugeMetricFamily("edgeloop_spool_objects", "Objects waiting for the store", value=sp.pending)

@@ -1,11 +1,18 @@
-"""MQTT as a source of records (paho-mqtt 2.x), off Greengrass: any broker, or AWS IoT Core.
+"""MQTT off Greengrass (paho-mqtt 2.x): records from topics, outlier events and health out.
 
-A message is one JSON record, a JSON array of records, or (``source.format: frames``) one binary
-frame. With QoS 1 a message is acknowledged to the broker only after the engine has
-handled it (paho's manual acks), so a runtime that dies with messages in its queue gets them again
-from a persistent session. The connection is ours to manage: a failed connect or a lost link is
-logged with the endpoint and the cause, and retried with exponential backoff and jitter; a
-refused certificate never ends the service.
+Any broker, or AWS IoT Core (8883, mutual TLS with the device certificate). ``MqttLink`` owns a
+connection: a failed connect or a lost link is logged with the endpoint and the cause and retried
+with exponential backoff and jitter, so a refused certificate never ends the service.
+
+``MqttSource``: a message is one JSON record, a JSON array of records, or (``source.format:
+frames``) one binary frame. With QoS 1 a message is acknowledged to the broker only after the
+engine has handled it (paho's manual acks), so a runtime that dies with messages in its queue gets
+them again from its persistent session.
+
+``MqttPublisher``: outlier events and a periodic health heartbeat, QoS 1, through a bounded queue
+that holds them while the broker is away (``publish.when_full`` when it fills; drops counted in
+health). An event over ``publish.max_payload_bytes`` (AWS IoT Core refuses more than 128 KB) is
+published as a reference to the outlier sample object that holds the record.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 import orjson
 
-from .contracts import SourceConfig
+from .contracts import MqttConnection, PublishConfig, SourceConfig
 from .frames import HEADER, FrameError, read_header
 from .records import TooLong
 from .sources import TOO_LONG_HEAD, Emit, Payload
@@ -27,40 +36,102 @@ from .sources import TOO_LONG_HEAD, Emit, Payload
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 1.0
+MAX_INFLIGHT = 100  # QoS 1 publishes awaiting their PUBACK
+
+
+class MqttLink:
+    """One connection to a broker, kept up until ``stop``."""
+
+    def __init__(self, conn: MqttConnection, client_id: str, *, clean_session: bool, manual_ack: bool = False,
+                 on_connected: Callable[[object], None] | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.conn = conn
+        tls = conn.ca_file is not None or conn.cert_file is not None
+        self.endpoint = f"{'mqtts' if tls else 'mqtt'}://{conn.host}:{conn.port}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=clean_session, manual_ack=manual_ack)
+        if tls:
+            self.client.tls_set(ca_certs=conn.ca_file, certfile=conn.cert_file, keyfile=conn.key_file,
+                                cert_reqs=ssl.CERT_REQUIRED)
+        self.client.on_connect = self._on_connect
+        self.connected = threading.Event()
+        self._on_connected = on_connected
+        self._refused: str | None = None
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = f"the broker refused the connection: {reason_code}"
+            return
+        self.connected.set()
+        if self._on_connected is not None:
+            self._on_connected(client)
+
+    def run(self, stop: threading.Event, while_connected: Callable[[], None] | None = None) -> None:
+        backoff = 0.0
+        c = self.conn
+        while not stop.is_set():
+            try:
+                self.client.connect(c.host, c.port, keepalive=c.keepalive_s)
+            except (OSError, ssl.SSLError) as err:
+                backoff = min(backoff * 2 if backoff else BACKOFF_START_S, c.reconnect_max_s)
+                log.error("mqtt %s: cannot connect: %s; retrying in %.0f s", self.endpoint, _cause(err), backoff)
+                stop.wait(backoff * random.uniform(0.5, 1.0))
+                continue
+            began = time.monotonic()
+            self._refused = None
+            while not stop.is_set():
+                rc = self.client.loop(timeout=0.1)
+                if rc != 0:  # the link is gone
+                    break
+                if not self.connected.is_set():
+                    if time.monotonic() - began > c.keepalive_s:
+                        rc = "no answer to CONNECT"
+                        break
+                elif while_connected is not None:
+                    while_connected()
+            was_up = self.connected.is_set()
+            self.connected.clear()
+            if stop.is_set():
+                break
+            if was_up and time.monotonic() - began > c.keepalive_s:
+                backoff = 0.0  # it had been up a while: start over
+            backoff = min(backoff * 2 if backoff else BACKOFF_START_S, c.reconnect_max_s)
+            if was_up:
+                log.warning("mqtt %s: connection lost (%s); reconnecting in %.0f s", self.endpoint, _rc(rc), backoff)
+            else:  # TLS 1.3: a refused client certificate shows here, after connect() returned
+                log.error("mqtt %s: cannot connect: %s; retrying in %.0f s", self.endpoint,
+                          self._refused or f"the broker closed the connection before accepting it ({_rc(rc)})"
+                          + ("; does it accept this client certificate?" if c.cert_file or c.ca_file else ""),
+                          backoff)
+            stop.wait(backoff * random.uniform(0.5, 1.0))
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        except Exception:
+            pass
 
 
 class MqttSource:
     finite = False
 
     def __init__(self, config: SourceConfig, client_id: str) -> None:
-        import paho.mqtt.client as mqtt
-
         self.config = config
         m = self.mqtt = config.mqtt
-        tls = m.ca_file is not None or m.cert_file is not None
-        self.endpoint = f"{'mqtts' if tls else 'mqtt'}://{m.host}:{m.port}"
+        self.link = MqttLink(m, m.client_id or client_id, clean_session=not m.persistent_session, manual_ack=True,
+                             on_connected=self._subscribe)
+        self.link.client.on_message = self._on_message
+        self.endpoint = self.link.endpoint
+        self.connected = self.link.connected
         self.name = f"{self.endpoint} {','.join(m.topics)}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or client_id,
-                                  clean_session=not m.persistent_session, manual_ack=True)
-        if tls:
-            self.client.tls_set(ca_certs=m.ca_file, certfile=m.cert_file, keyfile=m.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.connected = threading.Event()
         self.received = 0
         self._emit: Emit | None = None
         self._no = 0
-        self._refused: str | None = None
 
-    # -- paho callbacks (on this source's thread) -------------------------------------------------
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self._refused = f"the broker refused the connection: {reason_code}"
-            return
+    def _subscribe(self, client) -> None:
         client.subscribe([(topic, self.mqtt.qos) for topic in self.mqtt.topics])
-        self.connected.set()
         log.info("mqtt %s: connected, subscribed to %s (QoS %d)", self.endpoint, ", ".join(self.mqtt.topics),
                  self.mqtt.qos)
 
@@ -96,54 +167,97 @@ class MqttSource:
             return Payload("jsonl", items, source, no)
         return Payload("jsonl", [text], source, no)  # one record, whatever bytes it holds
 
-    # -- the source -------------------------------------------------------------------------------
-
     def run(self, emit: Emit, stop: threading.Event) -> None:
         self._emit = emit
-        backoff = 0.0
-        m = self.mqtt
-        while not stop.is_set():
-            try:
-                self.client.connect(m.host, m.port, keepalive=m.keepalive_s)
-            except (OSError, ssl.SSLError) as err:
-                backoff = min(backoff * 2 if backoff else BACKOFF_START_S, m.reconnect_max_s)
-                log.error("mqtt %s: cannot connect: %s; retrying in %.0f s", self.endpoint, _cause(err), backoff)
-                stop.wait(backoff * random.uniform(0.5, 1.0))
-                continue
-            began = time.monotonic()
-            self._refused = None
-            while not stop.is_set():
-                rc = self.client.loop(timeout=0.2)
-                if rc != 0:  # the link is gone
-                    break
-                if not self.connected.is_set() and time.monotonic() - began > m.keepalive_s:
-                    rc = "no answer to CONNECT"
-                    break
-            was_up = self.connected.is_set()
-            self.connected.clear()
-            if stop.is_set():
-                break
-            if was_up and time.monotonic() - began > m.keepalive_s:
-                backoff = 0.0  # it had been up a while: start over
-            backoff = min(backoff * 2 if backoff else BACKOFF_START_S, m.reconnect_max_s)
-            if was_up:
-                log.warning("mqtt %s: connection lost (%s); reconnecting in %.0f s", self.endpoint, _rc(rc), backoff)
-            else:  # TLS 1.3: a refused client certificate shows here, after connect() returned
-                log.error("mqtt %s: cannot connect: %s; retrying in %.0f s", self.endpoint,
-                          self._refused or f"the broker closed the connection before accepting it ({_rc(rc)})"
-                          + ("; does it accept this client certificate?" if m.cert_file or m.ca_file else ""),
-                          backoff)
-            stop.wait(backoff * random.uniform(0.5, 1.0))
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
+        self.link.run(stop)
 
     def close(self) -> None:
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
+        self.link.close()
+
+
+class MqttPublisher:
+    """Events and heartbeats out, QoS 1, from a bounded queue; its own connection and thread."""
+
+    def __init__(self, config: PublishConfig, device_id: str, health) -> None:
+        self.config = config
+        self.health = health
+        conn = config.mqtt
+        self.link = MqttLink(conn, conn.client_id or f"edgeloop-{device_id}-pub", clean_session=True)
+        self.link.client.max_inflight_messages_set(MAX_INFLIGHT)
+        self.events_topic = config.events_topic.format(device_id=device_id)
+        self.health_topic = config.health_topic.format(device_id=device_id)
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._lock = threading.Lock()
+        self._inflight: deque = deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beat_at = time.monotonic()
+        self.published = 0
+        self.dropped = 0
+
+    # -- the engine's side ------------------------------------------------------------------------
+
+    def event(self, line: bytes, event: dict, sample_key: str | None) -> None:
+        """An outlier event; over the payload limit, a reference to where the record is kept."""
+        if len(line) > self.config.max_payload_bytes:
+            ref = {k: event.get(k) for k in ("kind", "device_id", "model", "version", "ts", "id", "score",
+                                             "threshold")}
+            ref.update(truncated=len(line), sample=sample_key)
+            line = orjson.dumps(ref)
+        self.offer(self.events_topic, line)
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if len(self._queue) >= self.config.max_queue:
+                self.dropped += 1
+                self.health.events_dropped += 1
+                if self.config.when_full == "drop_new":
+                    return
+                self._queue.popleft()
+            self._queue.append((topic, payload))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- the thread -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.link.run, args=(self._stop, self._drain),
+                                        name="edgeloop-publisher", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while self._inflight and self._inflight[0].is_published():
+            self._inflight.popleft()
+            self.published += 1
+            self.health.events_published += 1
+        if self.config.heartbeat_s and time.monotonic() - self._beat_at >= self.config.heartbeat_s:
+            self._beat_at = time.monotonic()
+            self.offer(self.health_topic, self.health.window_header().model_dump_json().encode())
+        while len(self._inflight) < MAX_INFLIGHT:
+            with self._lock:
+                if not self._queue:
+                    return
+                topic, payload = self._queue.popleft()
+            info = self.link.client.publish(topic, payload, qos=self.config.qos)
+            if self.config.qos:
+                self._inflight.append(info)
+            else:
+                self.published += 1
+                self.health.events_published += 1
+
+    def stop(self, timeout: float) -> None:
+        """Publish what is queued while ``timeout`` allows, then disconnect."""
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._inflight) and self.link.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self._queue) + sum(not i.is_published() for i in self._inflight)
+        if left:
+            log.warning("mqtt %s: %d events not published at stop", self.link.endpoint, left)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(deadline - time.monotonic(), 1.0))
 
 
 def _rc(rc: object) -> str:

@@ -18,6 +18,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 import orjson
@@ -177,6 +178,8 @@ class EdgeRuntime:
             self.spool.close()
             raise
         self.health.lines_lost = lambda: self.events.lost + self.dead_letter.lost
+        # adapters that also want each outlier event (an MQTT publisher): (line, event, sample key or None)
+        self.event_hooks: list[Callable[[bytes, dict, str | None], None]] = []
         self._parts: OrderedDict[tuple[str, float], int] = OrderedDict()
         self._forgotten_before: float | None = None  # the latest window start no longer in _parts
         self._checkpoint_at = time.monotonic()
@@ -455,8 +458,18 @@ class EdgeRuntime:
                 "features": dict(zip(names, values[i].tolist())),
             }
             line = self._event(event)
-            if len(window.samples) < cap:
+            sampled = len(window.samples) < cap
+            if sampled:
                 window.samples.append(line)
+            if self.event_hooks:
+                key = self._sample_key(window) if sampled else None
+                for hook in self.event_hooks:
+                    hook(line, event, key)
+
+    def _sample_key(self, window: Window) -> str:
+        start = datetime.fromtimestamp(window.start, tz=timezone.utc)
+        return outlier_key(window.model_name, window.model_version, self.config.device_id, start, window.part,
+                           self.instance_id)
 
     @staticmethod
     def _position(origin: _Origin) -> dict:

@@ -60,6 +60,12 @@ class Service:
         try:
             model = load_model(config.bundle, config.scoring, bundle=bundle, max_batch=config.batch.max_records)
             self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
+            self.publisher = None
+            if config.publish.kind == "mqtt":
+                from .mqtt import MqttPublisher
+
+                self.publisher = MqttPublisher(config.publish, config.device_id, self.health)
+                self.runtime.event_hooks.append(self.publisher.event)
             self.source = source or open_source(config.source, config.batch.max_records, input_path,
                                                 client_id=f"edgeloop-{config.device_id}")
         except BaseException:  # a start that fails leaves no worker processes behind
@@ -108,6 +114,8 @@ class Service:
         cfg = self.config
         rt = self.runtime
         rt.uploader.start()
+        if self.publisher is not None:
+            self.publisher.start()
         if cfg.health.port is not None:
             self._metrics, self.metrics_port = serve_metrics(self.health, cfg.health.address, cfg.health.port)
             log.info("metrics on http://%s:%d/metrics", cfg.health.address, self.metrics_port)
@@ -121,6 +129,8 @@ class Service:
         finally:  # whatever ended the loop, the open window ships and nothing is left running
             reserve = min(1.0, self.config.service.grace_s / 4)  # for writing the last window
             stats = rt.close(upload_timeout=max(self._grace_left() - reserve, 0.1))
+            if self.publisher is not None:
+                self.publisher.stop(max(min(self._grace_left() - reserve, 5.0), 0.1))
             if self._metrics is not None:
                 self._metrics.shutdown()
                 self._metrics.server_close()

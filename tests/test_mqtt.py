@@ -170,3 +170,94 @@ def test_no_record_is_lost_across_a_broker_restart(make_config, broker, tmp_path
         publish(broker, "plant/restart", lines[20:])  # QoS 1, kept for the runtime until it is back
         wait_for(lambda: svc.health.scored >= 40, timeout=30)
     assert sum(s.records for s in summaries(tmp_path)) == 40
+
+
+# -- events and heartbeats out -------------------------------------------------------------------------
+
+class Subscriber:
+    """Collects what the broker delivers on a topic filter."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, dict]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, json.loads(m.payload)))
+        self.client.connect("127.0.0.1", broker.ports["plain"])
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        time.sleep(0.2)
+
+    def on(self, topic: str) -> list[dict]:
+        return [m for t, m in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publishing_config(make_config, broker, **publish):
+    return make_config(source={"kind": "tcp", "port": 0}, health={"log_interval_s": 0},
+                       publish={"kind": "mqtt", "mqtt": {"host": "127.0.0.1", "port": broker.ports["plain"],
+                                                         "reconnect_max_s": 1}, **publish})
+
+
+def send_tcp(svc, lines: list[str]) -> None:
+    import socket
+
+    with socket.create_connection(tuple(svc.source.address)) as conn:
+        conn.sendall("".join(line + "\n" for line in lines).encode())
+
+
+def outlier_lines(n: int, first: int = 0) -> list[str]:
+    rows = normal_rows(n, seed=first + 1)
+    rows[:, 5] += 2000  # every one an outlier
+    return [record_line(r, ts=time.time(), rid=f"o{first + i}") for i, r in enumerate(rows)]
+
+
+def test_outlier_events_and_a_health_heartbeat_go_to_the_broker(make_config, broker):
+    sub = Subscriber(broker, "edgeloop/dev-test/#")
+    try:
+        with serving(publishing_config(make_config, broker, heartbeat_s=0.3)) as (svc, _):
+            send_tcp(svc, outlier_lines(3) + [record_line(normal_rows(1)[0], ts=time.time())])
+            wait_for(lambda: len(sub.on("edgeloop/dev-test/outliers")) >= 3)
+            wait_for(lambda: sub.on("edgeloop/dev-test/health"))
+        events = sub.on("edgeloop/dev-test/outliers")
+        assert sorted(e["id"] for e in events) == ["o0", "o1", "o2"] and all(e["kind"] == "outlier" for e in events)
+        beat = sub.on("edgeloop/dev-test/health")[-1]
+        assert beat["provider"] == "CPUExecutionProvider" and beat["records_in"] >= 0
+        assert svc.health.events_published >= 4
+    finally:
+        sub.close()
+
+
+def test_events_wait_in_a_bounded_queue_while_the_broker_is_away(make_config, broker):
+    with serving(publishing_config(make_config, broker, max_queue=5, heartbeat_s=0)) as (svc, _):
+        wait_for(svc.publisher.link.connected.is_set)
+        broker.stop()
+        wait_for(lambda: not svc.publisher.link.connected.is_set())
+        send_tcp(svc, outlier_lines(8, first=10))
+        wait_for(lambda: svc.health.outliers >= 8)
+        assert svc.publisher.queued == 5 and svc.health.events_dropped == 3  # the oldest three went
+        assert svc.health.window_header().events_dropped == 3
+        broker.start()
+        sub = Subscriber(broker, "edgeloop/dev-test/outliers")
+        try:
+            wait_for(lambda: len(sub.messages) >= 5, timeout=20)
+            assert sorted(e["id"] for _, e in sub.messages) == [f"o{i}" for i in range(13, 18)]
+        finally:
+            sub.close()
+
+
+def test_an_event_over_the_payload_limit_goes_as_a_reference_to_its_sample(make_config, broker):
+    sub = Subscriber(broker, "edgeloop/dev-test/outliers")
+    try:
+        with serving(publishing_config(make_config, broker, max_payload_bytes=256, heartbeat_s=0)) as (svc, _):
+            send_tcp(svc, outlier_lines(1, first=50))
+            wait_for(lambda: sub.messages)
+        (_, ref), = sub.messages
+        assert ref["id"] == "o50" and ref["truncated"] > 256 and "features" not in ref
+        assert ref["sample"].startswith("outliers/model=sensor-outliers/version=1.0.0/device=dev-test/")
+        assert ref["sample"].endswith(f"-{svc.runtime.instance_id}-p0.jsonl.gz")
+    finally:
+        sub.close()
