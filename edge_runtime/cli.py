@@ -36,9 +36,19 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"edgeloop run: error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         overrides[key] = value
+    from .greengrass import NucleusLink, component_configuration, under_greengrass
+
+    nucleus = NucleusLink() if under_greengrass() else None
     try:
-        config = load_runtime_config(args.config, overrides)
-        service = Service(config, config_path=args.config, overrides=overrides, input_path=args.input)
+        try:
+            extra = component_configuration(nucleus) if nucleus is not None else None
+        except Exception as err:  # the nucleus is not answering: Greengrass restarts us with its backoff
+            print(f"edgeloop run: error: cannot read the component configuration from the Greengrass nucleus: {err}",
+                  file=sys.stderr)
+            return 2
+        config = load_runtime_config(args.config, overrides, extra)
+        service = Service(config, config_path=args.config, overrides=overrides, input_path=args.input,
+                          nucleus=nucleus)
         stats = service.run()
     except (ContractError, BundleError, ScoringError, OSError, ValueError) as err:
         print(f"edgeloop run: error: {err}", file=sys.stderr)

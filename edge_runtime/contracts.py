@@ -238,7 +238,10 @@ class MqttConfig(MqttConnection):
 class PublishConfig(_Strict):
     """Where outlier events and a health heartbeat go besides the local events file."""
 
-    kind: Literal["none", "mqtt"] = "none"
+    kind: Literal["none", "mqtt", "ipc"] | None = Field(
+        None, description="ipc: PublishToIoTCore through the Greengrass nucleus; mqtt: a broker of our own; "
+        "default: ipc under Greengrass, else none",
+    )
     mqtt: MqttConnection = Field(default_factory=MqttConnection)
     events_topic: str = Field("edgeloop/{device_id}/outliers", description="{device_id} is filled in")
     health_topic: str = Field("edgeloop/{device_id}/health")
@@ -254,10 +257,19 @@ class PublishConfig(_Strict):
     )
 
 
+class IpcSourceConfig(_Strict):
+    """Records through the Greengrass nucleus (IPC): local publish/subscribe or AWS IoT Core."""
+
+    via: Literal["local", "iot_core"] = Field("local", description="SubscribeToTopic or SubscribeToIoTCore")
+    topics: list[str] = Field(default_factory=lambda: ["edgeloop/{device_id}/records"], min_length=1,
+                              description="{device_id} is filled in")
+    qos: Literal[0, 1] = Field(1, description="iot_core: the subscription's QoS")
+
+
 class SourceConfig(_Strict):
     """Where records come from. ``kind`` defaults to ``stdin`` for path '-', else ``file``."""
 
-    kind: Literal["file", "stdin", "tail", "tcp", "unix", "mqtt"] | None = None
+    kind: Literal["file", "stdin", "tail", "tcp", "unix", "mqtt", "ipc"] | None = None
     path: str = Field("-", description="file, tailed file or Unix socket path; '-' is standard input")
     host: str = Field("127.0.0.1", description="tcp: the address to listen on")
     port: int = Field(0, ge=0, le=65535, description="tcp: the port (0 picks a free one)")
@@ -269,6 +281,7 @@ class SourceConfig(_Strict):
     from_start: bool = Field(False, description="tail: read what the file already holds first")
     poll_ms: int = Field(200, gt=0, le=60_000, description="tail: how often to look for new data")
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    ipc: IpcSourceConfig = Field(default_factory=IpcSourceConfig)
     parse_workers: int = Field(
         0, ge=0, le=64,
         description="JSON lines: processes that parse ahead of the engine, so a second core decodes while the "
@@ -446,8 +459,10 @@ def parse_document(model: type[BaseModel], data: object, source: str):
         raise ContractError(describe_validation_error(err, source)) from None
 
 
-def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> RuntimeConfig:
-    """Read an edge.yaml (YAML or JSON), or none, and apply dotted ``key=value`` overrides.
+def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | None = None,
+                        extra: dict | None = None) -> RuntimeConfig:
+    """Read an edge.yaml (YAML or JSON), or none, then merge ``extra`` (a mapping: the Greengrass
+    component's ``runtime`` configuration) and apply dotted ``key=value`` overrides, in that order.
 
     Relative paths in a file are relative to that file; without a file, to the working directory.
     """
@@ -472,6 +487,8 @@ def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | Non
     if not isinstance(data, dict):
         raise ContractError(f"{source}: expected a mapping at the top level")
     data = migrate_config(data, source)
+    if extra:
+        data = _deep_merge(data, extra)
     for dotted, value in (overrides or {}).items():
         # values stay strings (a thing name like "007" must not become 7) unless they are YAML
         # flow collections; pydantic turns "60" into an int where the schema wants one
@@ -510,6 +527,13 @@ def resolve_paths(config: RuntimeConfig, base: Path) -> RuntimeConfig:
     config.sinks.outbox = rel(config.sinks.outbox)
     config.store.url = rel(config.store.url)
     return config
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(data: dict, dotted: str, value: object) -> None:

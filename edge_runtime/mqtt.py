@@ -20,18 +20,14 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-import orjson
-
 from .contracts import MqttConnection, PublishConfig, SourceConfig
-from .frames import HEADER, FrameError, read_header
-from .records import TooLong
-from .sources import TOO_LONG_HEAD, Emit, Payload
+from .publish import EventQueue
+from .sources import Emit, Payload, message_payload
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +119,17 @@ class MqttSource:
         self.link = MqttLink(m, m.client_id or client_id, clean_session=not m.persistent_session, manual_ack=True,
                              on_connected=self._subscribe)
         self.link.client.on_message = self._on_message
+        self.link.client.on_subscribe = lambda *args: self.subscribed.set()
         self.endpoint = self.link.endpoint
         self.connected = self.link.connected
+        self.subscribed = threading.Event()  # the broker confirmed the subscription: records flow
         self.name = f"{self.endpoint} {','.join(m.topics)}"
         self.received = 0
         self._emit: Emit | None = None
         self._no = 0
 
     def _subscribe(self, client) -> None:
+        self.subscribed.clear()
         client.subscribe([(topic, self.mqtt.qos) for topic in self.mqtt.topics])
         log.info("mqtt %s: connected, subscribed to %s (QoS %d)", self.endpoint, ", ".join(self.mqtt.topics),
                  self.mqtt.qos)
@@ -145,27 +144,7 @@ class MqttSource:
             self._emit(payload)  # may wait: back-pressure, and the broker holds what is not acked
 
     def payload(self, body: bytes, source: str, no: int) -> Payload:
-        """One message as a payload of the device service."""
-        cfg = self.config
-        if len(body) > cfg.max_message_bytes:
-            return Payload("jsonl", [TooLong(len(body), body[:TOO_LONG_HEAD])], source, no)
-        if cfg.format == "frames":
-            try:
-                header = read_header(body)
-                if len(body) != HEADER.size + header.body_size:
-                    raise FrameError(f"{len(body)} bytes, its header says {HEADER.size + header.body_size}")
-            except (FrameError, struct.error) as err:  # struct.error: shorter than a header
-                return Payload("error", [body[:TOO_LONG_HEAD]], source, no, note=f"bad frame: {err}")
-            return Payload("frame", [body], source, no, n=max(header.n_rows, 1))
-        text = body.strip()
-        if text.startswith(b"["):
-            try:
-                records = orjson.loads(text)
-                items = [orjson.dumps(r) for r in records] or [b""]
-            except orjson.JSONDecodeError:
-                items = [body]  # dead-lettered as malformed JSON by the decoder
-            return Payload("jsonl", items, source, no)
-        return Payload("jsonl", [text], source, no)  # one record, whatever bytes it holds
+        return message_payload(self.config, body, source, no)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         self._emit = emit
@@ -176,51 +155,23 @@ class MqttSource:
 
 
 class MqttPublisher:
-    """Events and heartbeats out, QoS 1, from a bounded queue; its own connection and thread."""
+    """Events and heartbeats out, QoS 1, from a bounded ``EventQueue``; its own connection and thread."""
 
     def __init__(self, config: PublishConfig, device_id: str, health) -> None:
         self.config = config
         self.health = health
+        self.queue = EventQueue(config, device_id, health)
         conn = config.mqtt
         self.link = MqttLink(conn, conn.client_id or f"edgeloop-{device_id}-pub", clean_session=True)
         self.link.client.max_inflight_messages_set(MAX_INFLIGHT)
-        self.events_topic = config.events_topic.format(device_id=device_id)
-        self.health_topic = config.health_topic.format(device_id=device_id)
-        self._queue: deque[tuple[str, bytes]] = deque()
-        self._lock = threading.Lock()
+        self.event = self.queue.event  # the engine's hook
         self._inflight: deque = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._beat_at = time.monotonic()
-        self.published = 0
-        self.dropped = 0
-
-    # -- the engine's side ------------------------------------------------------------------------
-
-    def event(self, line: bytes, event: dict, sample_key: str | None) -> None:
-        """An outlier event; over the payload limit, a reference to where the record is kept."""
-        if len(line) > self.config.max_payload_bytes:
-            ref = {k: event.get(k) for k in ("kind", "device_id", "model", "version", "ts", "id", "score",
-                                             "threshold")}
-            ref.update(truncated=len(line), sample=sample_key)
-            line = orjson.dumps(ref)
-        self.offer(self.events_topic, line)
-
-    def offer(self, topic: str, payload: bytes) -> None:
-        with self._lock:
-            if len(self._queue) >= self.config.max_queue:
-                self.dropped += 1
-                self.health.events_dropped += 1
-                if self.config.when_full == "drop_new":
-                    return
-                self._queue.popleft()
-            self._queue.append((topic, payload))
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
-
-    # -- the thread -------------------------------------------------------------------------------
+        return self.queue.queued
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.link.run, args=(self._stop, self._drain),
@@ -230,29 +181,24 @@ class MqttPublisher:
     def _drain(self) -> None:
         while self._inflight and self._inflight[0].is_published():
             self._inflight.popleft()
-            self.published += 1
             self.health.events_published += 1
-        if self.config.heartbeat_s and time.monotonic() - self._beat_at >= self.config.heartbeat_s:
-            self._beat_at = time.monotonic()
-            self.offer(self.health_topic, self.health.window_header().model_dump_json().encode())
+        self.queue.beat()
         while len(self._inflight) < MAX_INFLIGHT:
-            with self._lock:
-                if not self._queue:
-                    return
-                topic, payload = self._queue.popleft()
-            info = self.link.client.publish(topic, payload, qos=self.config.qos)
+            item = self.queue.take()
+            if item is None:
+                return
+            info = self.link.client.publish(item[0], item[1], qos=self.config.qos)
             if self.config.qos:
                 self._inflight.append(info)
             else:
-                self.published += 1
                 self.health.events_published += 1
 
     def stop(self, timeout: float) -> None:
         """Publish what is queued while ``timeout`` allows, then disconnect."""
         deadline = time.monotonic() + timeout
-        while (self._queue or self._inflight) and self.link.connected.is_set() and time.monotonic() < deadline:
+        while (self.queue.queued or self._inflight) and self.link.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = len(self._queue) + sum(not i.is_published() for i in self._inflight)
+        left = self.queue.queued + sum(not i.is_published() for i in self._inflight)
         if left:
             log.warning("mqtt %s: %d events not published at stop", self.link.endpoint, left)
         self._stop.set()

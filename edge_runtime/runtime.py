@@ -235,6 +235,12 @@ class EdgeRuntime:
         self.events.flush()
         log.info("model swapped: %s -> %s", old.describe(), model.describe())
 
+    def set_window(self, window) -> None:
+        """New window settings (a live reconfiguration): the open window closes as it is, the next
+        one follows the new settings."""
+        self._close_window()
+        self.config.window = window
+
     def _note_model(self) -> None:
         self.health.provider = self.model.scorer.provider
         self.health.model_name, self.health.model_version = self.model.name, self.model.version

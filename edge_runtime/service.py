@@ -43,8 +43,11 @@ class Service:
         store: ObjectStore | None = None,
         clock: Callable[[], float] = time.time,
         source: Source | None = None,
+        nucleus=None,
     ) -> None:
         self.config = config
+        self.nucleus = nucleus  # a greengrass.NucleusLink when the nucleus runs us
+        self._resolve_transports(config, input_path)
         self.config_path = config_path
         self.overrides = overrides or {}
         self.queue = IntakeQueue(config.queue.max_records, config.queue.when_full)
@@ -65,7 +68,16 @@ class Service:
                 from .mqtt import MqttPublisher
 
                 self.publisher = MqttPublisher(config.publish, config.device_id, self.health)
+            elif config.publish.kind == "ipc":
+                from .greengrass import IpcPublisher
+
+                self.publisher = IpcPublisher(config.publish, config.device_id, self.health, nucleus)
+            if self.publisher is not None:
                 self.runtime.event_hooks.append(self.publisher.event)
+            if source is None and config.source.resolved_kind == "ipc" and input_path is None:
+                from .greengrass import IpcSource
+
+                source = IpcSource(config.source, config.device_id, nucleus)
             self.source = source or open_source(config.source, config.batch.max_records, input_path,
                                                 client_id=f"edgeloop-{config.device_id}")
         except BaseException:  # a start that fails leaves no worker processes behind
@@ -86,6 +98,20 @@ class Service:
         self.metrics_port: int | None = None
         self._metrics = None
         self.started = threading.Event()
+
+    def _resolve_transports(self, config: RuntimeConfig, input_path: str | None) -> None:
+        """Under Greengrass the nucleus is the default transport both ways; off it, IPC is an error."""
+        if self.nucleus is not None:
+            if config.source.kind is None and input_path is None:
+                config.source.kind = "ipc"
+            if config.publish.kind is None:
+                config.publish.kind = "ipc"
+        elif config.publish.kind is None:
+            config.publish.kind = "none"
+        uses_ipc = (config.source.resolved_kind == "ipc" and input_path is None) or config.publish.kind == "ipc"
+        if uses_ipc and self.nucleus is None:
+            raise ContractError("source.kind/publish.kind 'ipc' needs the Greengrass nucleus, and this process was "
+                                "not started by one (no AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT)")
 
     # -- control, from any thread or a signal handler --------------------------------------------
 
@@ -124,8 +150,17 @@ class Service:
         log.info("serving %s from %s (%s)", self.runtime.model.describe(), self.source.name,
                  self.runtime.model.scorer.provider)
         self.started.set()
+        if self.nucleus is not None:
+            self._greengrass_started()
         try:
             self._serve(reader)
+        except BaseException as err:
+            if self.nucleus is not None and not isinstance(err, (KeyboardInterrupt, SystemExit)):
+                from .greengrass import report_state
+
+                log.error("fatal: %s: %s", type(err).__name__, err)
+                report_state(self.nucleus, "ERRORED")
+            raise
         finally:  # whatever ended the loop, the open window ships and nothing is left running
             reserve = min(1.0, self.config.service.grace_s / 4)  # for writing the last window
             stats = rt.close(upload_timeout=max(self._grace_left() - reserve, 0.1))
@@ -180,6 +215,15 @@ class Service:
                 last_log = time.monotonic()
                 log.info(self.health.log_line())
 
+    def _greengrass_started(self) -> None:
+        from .greengrass import follow_configuration, report_state
+
+        report_state(self.nucleus, "RUNNING")
+        try:
+            follow_configuration(self.nucleus, self.request_reload)
+        except Exception as err:
+            log.warning("greengrass: configuration updates will not be followed: %s", err)
+
     def _grace_left(self) -> float:
         if self._stop_at is None:
             return self.config.service.grace_s
@@ -217,22 +261,49 @@ class Service:
         return False
 
     def _on_reload(self) -> None:
-        if self.config_path is None:
+        if self.config_path is None and self.nucleus is None:
             path = self._bundle_path
         else:
+            where = self.config_path or "the Greengrass component configuration"
             try:
-                new = load_runtime_config(self.config_path, self.overrides)
-            except (ContractError, OSError, ValueError) as err:  # unreadable, not UTF-8, invalid
-                log.error("reload refused: %s: %s; still serving %s", self.config_path, err,
-                          self.runtime.model.describe())
+                new = load_runtime_config(self.config_path, self.overrides, self._nucleus_configuration())
+                self._resolve_transports(new, None)
+            except Exception as err:  # unreadable, not UTF-8, invalid, the nucleus not answering
+                log.error("reload refused: %s: %s; still serving %s", where, err, self.runtime.model.describe())
                 return
-            fields = [k for k in type(new).model_fields if k != "bundle"]
-            changed = [k for k in fields if getattr(new, k) != getattr(self._loaded, k)]
-            if changed:
-                log.warning("reload: changes to %s take effect at the next restart", ", ".join(changed))
+            self._apply_live(new)
             self._loaded = new
             path = new.bundle
         self._start_loading(path)
+
+    def _nucleus_configuration(self) -> dict | None:
+        if self.nucleus is None:
+            return None
+        from .greengrass import component_configuration
+
+        return component_configuration(self.nucleus)
+
+    def _apply_live(self, new: RuntimeConfig) -> None:
+        """What a reload can change while serving: windows (from the next window on), the publish
+        topics and queue, the record topics. The rest is named in a warning: it needs a restart."""
+        old = self._loaded
+        applied = []
+        if new.window != old.window:
+            self.runtime.set_window(new.window)
+            applied.append("window")
+        if new.publish != old.publish and self.publisher is not None and new.publish.kind == old.publish.kind:
+            self.publisher.queue.reconfigure(new.publish, new.device_id)
+            self.publisher.config = new.publish
+            applied.append("publish")
+        retarget = getattr(self.source, "retarget", None)
+        if new.source != old.source and retarget is not None and retarget(new.source):
+            applied.append("source")
+        if applied:
+            log.info("reload: applied %s", ", ".join(applied))
+        rest = [k for k in type(new).model_fields
+                if k not in ("bundle", *applied) and getattr(new, k) != getattr(old, k)]
+        if rest:
+            log.warning("reload: changes to %s take effect at the next restart", ", ".join(rest))
 
     def _start_loading(self, path: str) -> None:
         if self._loading is not None and self._loading.is_alive():

@@ -399,6 +399,35 @@ class SocketSource:
         self.listener.close()
 
 
+def message_payload(config: SourceConfig, body: bytes, source: str, no: int) -> Payload:
+    """One message of a message transport (MQTT, Greengrass IPC) as a payload: one JSON record, a
+    JSON array of records, or (``format: frames``) one binary frame."""
+    import struct
+
+    import orjson
+
+    from .frames import HEADER, FrameError, read_header
+
+    if len(body) > config.max_message_bytes:
+        return Payload("jsonl", [TooLong(len(body), body[:TOO_LONG_HEAD])], source, no)
+    if config.format == "frames":
+        try:
+            header = read_header(body)
+            if len(body) != HEADER.size + header.body_size:
+                raise FrameError(f"{len(body)} bytes, its header says {HEADER.size + header.body_size}")
+        except (FrameError, struct.error) as err:  # struct.error: shorter than a header
+            return Payload("error", [body[:TOO_LONG_HEAD]], source, no, note=f"bad frame: {err}")
+        return Payload("frame", [body], source, no, n=max(header.n_rows, 1))
+    text = body.strip()
+    if text.startswith(b"["):
+        try:
+            items = [orjson.dumps(r) for r in orjson.loads(text)] or [b""]
+        except orjson.JSONDecodeError:
+            items = [body]  # dead-lettered as malformed JSON by the decoder
+        return Payload("jsonl", items, source, no)
+    return Payload("jsonl", [text], source, no)  # one record, whatever bytes it holds
+
+
 def open_source(config: SourceConfig, chunk: int, path: str | None = None, client_id: str = "edgeloop") -> Source:
     """The source a config names; ``path`` overrides the file (``--input``), '-' meaning stdin."""
     kind = config.resolved_kind

@@ -107,7 +107,7 @@ def test_records_from_a_topic_one_or_an_array_per_message_with_bad_messages_dead
     ]
     config = mqtt_config(make_config, broker, "plant/records")
     with serving(config) as (svc, _):
-        wait_for(svc.source.connected.is_set)
+        wait_for(svc.source.subscribed.is_set)
         publish(broker, "plant/records", messages)
         wait_for(lambda: svc.health.records_in >= 12)
         assert svc.health.scored == 8
@@ -125,7 +125,7 @@ def test_frames_from_a_topic(make_config, broker, tmp_path):
     frames = [encode_frame(rows[i:i + 100], np.arange(T0 + i, T0 + i + 100, dtype=float)) for i in (0, 100, 200)]
     config = mqtt_config(make_config, broker, "plant/frames", format="frames")
     with serving(config) as (svc, _):
-        wait_for(svc.source.connected.is_set)
+        wait_for(svc.source.subscribed.is_set)
         publish(broker, "plant/frames", frames + [b"ELF1 but not a frame"])
         wait_for(lambda: svc.health.records_in >= 301)
     (s,) = summaries(tmp_path)
@@ -137,7 +137,7 @@ def test_tls_and_mutual_tls(make_config, broker, tmp_path, listener, cert):
     rows = normal_rows(5)
     config = mqtt_config(make_config, broker, f"secure/{listener}", listener=listener, cert=cert)
     with serving(config) as (svc, _):
-        wait_for(svc.source.connected.is_set)
+        wait_for(svc.source.subscribed.is_set)
         assert svc.source.endpoint.startswith("mqtts://")
         publish(broker, f"secure/{listener}", [record_line(r, ts=T0 + i).encode() for i, r in enumerate(rows)],
                 listener="mtls")
@@ -163,7 +163,7 @@ def test_no_record_is_lost_across_a_broker_restart(make_config, broker, tmp_path
     lines = [record_line(r, ts=T0 + i).encode() for i, r in enumerate(rows)]
     config = mqtt_config(make_config, broker, "plant/restart")
     with serving(config) as (svc, _):
-        wait_for(svc.source.connected.is_set)
+        wait_for(svc.source.subscribed.is_set)
         publish(broker, "plant/restart", lines[:20])
         wait_for(lambda: svc.health.scored >= 20)
         broker.restart(down_s=0.5)  # the runtime's session survives in the broker's persistence

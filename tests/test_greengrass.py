@@ -1,0 +1,154 @@
+"""The runtime under Greengrass: the real awsiotsdk IPC client against a test nucleus (nucleus.py,
+an eventstream-RPC server on a Unix socket): records from local pub/sub and IoT Core, events to IoT
+Core, configuration read at start and followed live, component state, a nucleus restart."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import bundle_copy, normal_rows, read_jsonl, record_line
+from nucleus import Nucleus
+
+from edge_runtime.contracts import ContractError, load_runtime_config, load_summary
+from edge_runtime.greengrass import NucleusLink, component_configuration, under_greengrass
+from edge_runtime.service import Service
+from edge_runtime.store import LocalStore
+
+pytest.importorskip("awsiot.greengrasscoreipc.clientv2")
+
+
+@pytest.fixture
+def nucleus(monkeypatch):
+    folder = tempfile.mkdtemp(prefix="gg-")  # a Unix socket path must stay under ~107 bytes
+    with Nucleus(Path(folder) / "ipc.socket", configuration={}) as n:
+        for k, v in n.env().items():
+            monkeypatch.setenv(k, v)
+        yield n
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {predicate}")
+
+
+@contextmanager
+def serving(config, link, overrides=None):
+    service = Service(config, nucleus=link, overrides=overrides)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
+    thread.start()
+    assert service.started.wait(15)
+    try:
+        yield service, out
+    finally:
+        service.request_stop()
+        thread.join(30)
+        assert not thread.is_alive()
+        link.close()
+
+
+def gg_config(make_config, **extra):
+    return make_config(health={"log_interval_s": 0}, **extra)
+
+
+def outlier(i: int, ts: float) -> bytes:
+    row = normal_rows(1, seed=i)[0].copy()
+    row[5] += 2000
+    return record_line(row, ts=ts, rid=f"g{i}").encode()
+
+
+def test_under_greengrass_records_come_from_local_pubsub_and_events_go_to_iot_core(make_config, nucleus, tmp_path):
+    assert under_greengrass()
+    config = gg_config(make_config, publish={"heartbeat_s": 0.2})
+    with serving(config, NucleusLink()) as (svc, _):
+        assert svc.config.source.kind == "ipc" and svc.config.publish.kind == "ipc"  # detected, not configured
+        nucleus.wait_subscribed("local", "edgeloop/dev-test/records")
+        now = time.time()
+        records = [record_line(r, ts=now).encode() for r in normal_rows(5)]
+        for body in records + [outlier(1, now), b"{broken", b"[" + b",".join(records[:2]) + b"]"]:
+            assert nucleus.deliver_local("edgeloop/dev-test/records", body) == 1
+        wait_for(lambda: svc.health.records_in >= 9)
+        wait_for(lambda: [p for p in nucleus.iot_core_published if p["topic"] == "edgeloop/dev-test/outliers"])
+        wait_for(lambda: [p for p in nucleus.iot_core_published if p["topic"] == "edgeloop/dev-test/health"])
+        assert nucleus.states[0] == "RUNNING"
+    (event,) = [json.loads(p["payload"]) for p in nucleus.iot_core_published if p["topic"].endswith("/outliers")]
+    assert event["id"] == "g1" and event["kind"] == "outlier"
+    assert svc.health.scored == 8 and sum(svc.health.rejected.values()) == 1
+    assert [d["code"] for d in read_jsonl(tmp_path / "dead-letter.jsonl")] == ["malformed_json"]
+
+
+def test_records_from_iot_core(make_config, nucleus):
+    config = gg_config(make_config, source={"kind": "ipc", "ipc": {"via": "iot_core", "topics": ["fleet/+/in"]}})
+    with serving(config, NucleusLink()) as (svc, _):
+        nucleus.wait_subscribed("iot_core", "fleet/+/in")
+        assert nucleus.deliver_iot_core("fleet/a/in", record_line(normal_rows(1)[0], ts=time.time()).encode()) == 1
+        wait_for(lambda: svc.health.scored >= 1)
+
+
+def test_configuration_is_read_at_start_and_followed_live(make_config, nucleus, bundle_dir, tmp_path, caplog):
+    nucleus.set_configuration({"runtime": {"window": {"seconds": 600}, "publish": {"heartbeat_s": 0},
+                                           "bundle": str(bundle_dir)}})
+    link = NucleusLink()
+    extra = component_configuration(link)
+    # as the recipe's Run script passes them; the component configuration's runtime mapping comes under
+    overrides = {"device_id": "dev-test", "sinks.outbox": str(tmp_path / "outbox"),
+                 "sinks.events": str(tmp_path / "events.jsonl"), "sinks.dead_letter": str(tmp_path / "dl.jsonl"),
+                 "store.url": str(tmp_path / "store"), "health.log_interval_s": "0"}
+    config = load_runtime_config(None, overrides, extra)
+    assert config.window.seconds == 600
+    v2 = bundle_copy(bundle_dir, tmp_path / "v2", "1.1.0")
+    with caplog.at_level(logging.INFO), serving(config, link, overrides) as (svc, _):
+        nucleus.wait_subscribed("configuration")
+        nucleus.wait_subscribed("local")
+        now = time.time()
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(2, now))
+        wait_for(lambda: nucleus.iot_core_published)
+        # a deployment changes the window, the events topic and the model: no restart
+        nucleus.set_configuration({"runtime": {"window": {"seconds": 60}, "bundle": str(v2),
+                                               "publish": {"heartbeat_s": 0, "events_topic": "plant/{device_id}/ev"}}})
+        wait_for(lambda: svc.runtime.model.version == "1.1.0")
+        assert svc.runtime.config.window.seconds == 60
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(3, now))
+        wait_for(lambda: [p for p in nucleus.iot_core_published if p["topic"] == "plant/dev-test/ev"])
+    assert "reload: applied window, publish" in caplog.text
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert [(e["id"], e["version"]) for e in events if e["kind"] == "outlier"] == [("g2", "1.0.0"), ("g3", "1.1.0")]
+    store = LocalStore(tmp_path / "store")
+    sums = [load_summary(store.get(k), k) for k in store.list("summaries/")]
+    assert sum(s.records for s in sums) == 2
+    assert {(s.model_version, (s.window_end - s.window_start).total_seconds()) for s in sums} == {
+        ("1.0.0", 600.0), ("1.1.0", 60.0)}
+
+
+def test_the_runtime_survives_a_nucleus_restart(make_config, nucleus):
+    config = gg_config(make_config, publish={"heartbeat_s": 0})
+    with serving(config, NucleusLink()) as (svc, _):
+        nucleus.wait_subscribed("local")
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(4, time.time()))
+        wait_for(lambda: nucleus.iot_core_published)
+        nucleus.stop()
+        nucleus.start()  # the nucleus restarted: subscriptions and the publisher come back
+        nucleus.wait_subscribed("local", timeout=15)
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(5, time.time()))
+        wait_for(lambda: len([p for p in nucleus.iot_core_published if p["topic"].endswith("/outliers")]) >= 2)
+        assert svc.health.scored == 2
+
+
+def test_ipc_off_greengrass_is_a_clear_error(make_config, monkeypatch):
+    monkeypatch.delenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", raising=False)
+    with pytest.raises(ContractError, match="needs the Greengrass nucleus"):
+        Service(make_config(source={"kind": "ipc"}))
