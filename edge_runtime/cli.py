@@ -52,6 +52,10 @@ def run_command(args: argparse.Namespace) -> int:
         stats = service.run()
     except (ContractError, BundleError, ScoringError, OSError, ValueError) as err:
         print(f"edgeloop run: error: {err}", file=sys.stderr)
+        if nucleus is not None:  # say so to Greengrass as well: the deployment shows the component ERRORED
+            from .greengrass import report_state
+
+            report_state(nucleus, "ERRORED")
         return 2
     report = stats.__dict__
     if args.json:

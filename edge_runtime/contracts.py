@@ -251,6 +251,7 @@ class PublishConfig(_Strict):
     when_full: Literal["drop_oldest", "drop_new"] = Field(
         "drop_oldest", description="which events go when the queue is full; drops are counted in health"
     )
+    also_local: bool = Field(False, description="ipc: also publish events to local publish/subscribe")
     max_payload_bytes: int = Field(
         128 * 1024, ge=256, le=128 * 1024,
         description="AWS IoT Core's limit: a larger event is published as a reference to its outlier sample",
@@ -346,6 +347,9 @@ class ScoringConfig(_Strict):
     )
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: bind inputs and outputs on GPU providers only"
+    )
+    threshold: float | None = Field(
+        None, description="the outlier score threshold, instead of the bundle's calibrated one (applies live)"
     )
 
 

@@ -243,6 +243,11 @@ class IpcPublisher:
 
         qos = QOS.AT_LEAST_ONCE if self.config.qos else QOS.AT_MOST_ONCE
         self.link.call(lambda c: c.publish_to_iot_core(topic_name=item[0], qos=qos, payload=item[1]))
+        if self.config.also_local:
+            from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage
+
+            message = PublishMessage(binary_message=BinaryMessage(message=item[1]))
+            self.link.call(lambda c: c.publish_to_topic(topic=item[0], publish_message=message))
 
     def _run(self) -> None:
         backoff = 0.0

@@ -235,6 +235,11 @@ class EdgeRuntime:
         self.events.flush()
         log.info("model swapped: %s -> %s", old.describe(), model.describe())
 
+    def threshold(self, model: Model) -> float:
+        """The configured override (``scoring.threshold``), else the bundle's calibrated threshold."""
+        override = self.config.scoring.threshold
+        return model.threshold if override is None else override
+
     def set_window(self, window) -> None:
         """New window settings (a live reconfiguration): the open window closes as it is, the next
         one follows the new settings."""
@@ -439,7 +444,7 @@ class EdgeRuntime:
         window.late += late
         window.changed = True
         self.health.scored += n
-        flagged = np.flatnonzero(scores[lo:hi] > model.threshold) + lo
+        flagged = np.flatnonzero(scores[lo:hi] > self.threshold(model)) + lo
         if len(flagged):
             window.outliers += len(flagged)
             self.health.outliers += len(flagged)
@@ -460,7 +465,7 @@ class EdgeRuntime:
                 "source": origin.payload.source,
                 **self._position(origin),
                 "score": float(scores[i]),
-                "threshold": model.threshold,
+                "threshold": self.threshold(model),
                 "features": dict(zip(names, values[i].tolist())),
             }
             line = self._event(event)

@@ -284,13 +284,19 @@ class Service:
         return component_configuration(self.nucleus)
 
     def _apply_live(self, new: RuntimeConfig) -> None:
-        """What a reload can change while serving: windows (from the next window on), the publish
-        topics and queue, the record topics. The rest is named in a warning: it needs a restart."""
+        """What a reload can change while serving: windows (from the next window on), the outlier
+        threshold, the publish topics and queue, the record topics (Greengrass IPC). The rest is
+        named in a warning: it needs a restart."""
         old = self._loaded
         applied = []
         if new.window != old.window:
             self.runtime.set_window(new.window)
             applied.append("window")
+        if new.scoring.threshold != old.scoring.threshold:
+            self.runtime.config.scoring.threshold = new.scoring.threshold
+            applied.append("scoring.threshold")
+            scoring = old.scoring.model_copy(update={"threshold": new.scoring.threshold})
+            old = old.model_copy(update={"scoring": scoring})  # the rest of scoring still needs a restart
         if new.publish != old.publish and self.publisher is not None and new.publish.kind == old.publish.kind:
             self.publisher.queue.reconfigure(new.publish, new.device_id)
             self.publisher.config = new.publish
@@ -301,7 +307,7 @@ class Service:
         if applied:
             log.info("reload: applied %s", ", ".join(applied))
         rest = [k for k in type(new).model_fields
-                if k not in ("bundle", *applied) and getattr(new, k) != getattr(old, k)]
+                if k != "bundle" and k not in applied and getattr(new, k) != getattr(old, k)]
         if rest:
             log.warning("reload: changes to %s take effect at the next restart", ", ".join(rest))
 

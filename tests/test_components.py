@@ -60,6 +60,16 @@ def test_build_writes_runtime_and_model_components(tmp_path, bundle_dir):
     run = recipe["Manifests"][0]["Lifecycle"]["Run"]["Script"]
     assert f"{{{runtime.name}:artifacts:decompressedPath}}/edgeloop-runtime" in run
     assert "--set device_id={iot:thingName}" in run
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    # records come from a topic through the nucleus, and the component may use those IPC operations
+    assert defaults["runtime"]["source"] == {"kind": "ipc", "ipc": {"via": "local",
+                                                                     "topics": ["edgeloop/{device_id}/records"]}}
+    policies = defaults["accessControl"]
+    assert "aws.greengrass#SubscribeToTopic" in str(policies["aws.greengrass.ipc.pubsub"])
+    assert "aws.greengrass#PublishToIoTCore" in str(policies["aws.greengrass.ipc.mqttproxy"])
+    from edge_runtime.contracts import load_runtime_config
+
+    assert load_runtime_config(None, {"device_id": "d", "bundle": "b"}, defaults["runtime"]).source.kind == "ipc"
     with zipfile.ZipFile(model.artifacts[0]) as zf:
         assert set(zf.namelist()) == {"bundle/manifest.json", "bundle/model.onnx", "bundle/baseline.json"}
 

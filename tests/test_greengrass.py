@@ -119,17 +119,27 @@ def test_configuration_is_read_at_start_and_followed_live(make_config, nucleus, 
         wait_for(lambda: nucleus.iot_core_published)
         # a deployment changes the window, the events topic and the model: no restart
         nucleus.set_configuration({"runtime": {"window": {"seconds": 60}, "bundle": str(v2),
-                                               "publish": {"heartbeat_s": 0, "events_topic": "plant/{device_id}/ev"}}})
+                                               "scoring": {"threshold": 1e9},  # nothing is an outlier now
+                                               "publish": {"heartbeat_s": 0, "events_topic": "plant/{device_id}/ev",
+                                                           "also_local": True}}})
         wait_for(lambda: svc.runtime.model.version == "1.1.0")
         assert svc.runtime.config.window.seconds == 60
         nucleus.deliver_local("edgeloop/dev-test/records", outlier(3, now))
+        wait_for(lambda: svc.health.scored >= 2)
+        assert svc.runtime.threshold(svc.runtime.model) == 1e9 and svc.health.outliers == 1
+        nucleus.set_configuration({"runtime": {"window": {"seconds": 60}, "bundle": str(v2),
+                                               "publish": {"heartbeat_s": 0, "events_topic": "plant/{device_id}/ev",
+                                                           "also_local": True}}})  # the bundle's threshold again
+        wait_for(lambda: svc.runtime.config.scoring.threshold is None)
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(3, now))
         wait_for(lambda: [p for p in nucleus.iot_core_published if p["topic"] == "plant/dev-test/ev"])
-    assert "reload: applied window, publish" in caplog.text
+        wait_for(lambda: [p for p in nucleus.local_published if p["topic"] == "plant/dev-test/ev"])
+    assert "reload: applied window, scoring.threshold, publish" in caplog.text
     events = read_jsonl(tmp_path / "events.jsonl")
     assert [(e["id"], e["version"]) for e in events if e["kind"] == "outlier"] == [("g2", "1.0.0"), ("g3", "1.1.0")]
     store = LocalStore(tmp_path / "store")
     sums = [load_summary(store.get(k), k) for k in store.list("summaries/")]
-    assert sum(s.records for s in sums) == 2
+    assert sum(s.records for s in sums) == 3
     assert {(s.model_version, (s.window_end - s.window_start).total_seconds()) for s in sums} == {
         ("1.0.0", 600.0), ("1.1.0", 60.0)}
 
