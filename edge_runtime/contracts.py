@@ -215,6 +215,9 @@ class WindowSummary(_Strict):
 class MqttConnection(_Strict):
     """An MQTT broker: AWS IoT Core's endpoint (8883, mutual TLS with the device certificate), or any."""
 
+    client: Literal["paho", "awsiotsdk"] = Field(
+        "paho", description="paho-mqtt (MQTT 3.1.1), or the AWS SDK's MQTT5 client (awscrt)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535, description="8883 for TLS, as AWS IoT Core")
     client_id: str | None = Field(None, description="default: edgeloop-<device_id> (with -pub for publishing)")

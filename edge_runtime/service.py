@@ -64,7 +64,11 @@ class Service:
             model = load_model(config.bundle, config.scoring, bundle=bundle, max_batch=config.batch.max_records)
             self.runtime = EdgeRuntime(config, store=store, clock=clock, model=model, health=self.health)
             self.publisher = None
-            if config.publish.kind == "mqtt":
+            if config.publish.kind == "mqtt" and config.publish.mqtt.client == "awsiotsdk":
+                from .mqtt5_sdk import SdkMqttPublisher
+
+                self.publisher = SdkMqttPublisher(config.publish, config.device_id, self.health)
+            elif config.publish.kind == "mqtt":
                 from .mqtt import MqttPublisher
 
                 self.publisher = MqttPublisher(config.publish, config.device_id, self.health)

@@ -434,6 +434,10 @@ def open_source(config: SourceConfig, chunk: int, path: str | None = None, clien
     if path is not None:
         kind = "stdin" if path == "-" else "file"
     if kind == "mqtt":
+        if config.mqtt.client == "awsiotsdk":
+            from .mqtt5_sdk import SdkMqttSource
+
+            return SdkMqttSource(config, client_id)
         from .mqtt import MqttSource
 
         return MqttSource(config, client_id)

@@ -57,10 +57,10 @@ def publish(broker: Broker, topic: str, messages: list[bytes], listener: str = "
         client.loop_stop()
 
 
-def mqtt_config(make_config, broker, topic, listener="plain", cert=None, **extra):
+def mqtt_config(make_config, broker, topic, listener="plain", cert=None, client="paho", **extra):
     c = broker.certs
-    mqtt = {"host": "127.0.0.1", "port": broker.ports[listener], "topics": [topic],
-            "client_id": f"edgeloop-test-{topic.replace('/', '-')}"}
+    mqtt = {"host": "127.0.0.1", "port": broker.ports[listener], "topics": [topic], "client": client,
+            "client_id": f"edgeloop-test-{client}-{topic.replace('/', '-')}"}
     if listener != "plain":
         mqtt["ca_file"] = str(c.ca)
     if cert == "client":
@@ -91,8 +91,9 @@ def summaries(tmp_path) -> list:
     return [load_summary(store.get(k), k) for k in store.list("summaries/")]
 
 
+@pytest.mark.parametrize("client", ["paho", "awsiotsdk"])
 def test_records_from_a_topic_one_or_an_array_per_message_with_bad_messages_dead_lettered(
-        make_config, broker, tmp_path):
+        make_config, broker, tmp_path, client):
     rows = normal_rows(8)
     lines = [record_line(r, ts=T0 + i, rid=f"m{i}") for i, r in enumerate(rows)]
     messages = [
@@ -105,17 +106,17 @@ def test_records_from_a_topic_one_or_an_array_per_message_with_bad_messages_dead
         json.dumps({"ts": T0, "features": [1, 2]}).encode(),  # wrong shape
         lines[6].encode(), lines[7].encode(),                 # later records still scored
     ]
-    config = mqtt_config(make_config, broker, "plant/records")
+    config = mqtt_config(make_config, broker, f"plant/{client}/records", client=client)
     with serving(config) as (svc, _):
         wait_for(svc.source.subscribed.is_set)
-        publish(broker, "plant/records", messages)
+        publish(broker, f"plant/{client}/records", messages)
         wait_for(lambda: svc.health.records_in >= 12)
         assert svc.health.scored == 8
     (s,) = summaries(tmp_path)
     assert (s.records, s.rejected) == (8, 4)
     reasons = sorted(d["code"] for d in read_jsonl(tmp_path / "dead-letter.jsonl"))
     assert reasons == ["malformed_json", "malformed_json", "too_long", "wrong_shape"]
-    assert all(d["source"] == "mqtt:plant/records" for d in read_jsonl(tmp_path / "dead-letter.jsonl"))
+    assert all(d["source"] == f"mqtt:plant/{client}/records" for d in read_jsonl(tmp_path / "dead-letter.jsonl"))
 
 
 def test_frames_from_a_topic(make_config, broker, tmp_path):
@@ -132,10 +133,11 @@ def test_frames_from_a_topic(make_config, broker, tmp_path):
     assert (s.records, s.rejected, s.rejected_by_reason) == (300, 1, {"bad_frame": 1})
 
 
-@pytest.mark.parametrize("listener,cert", [("tls", None), ("mtls", "client")])
-def test_tls_and_mutual_tls(make_config, broker, tmp_path, listener, cert):
+@pytest.mark.parametrize("listener,cert,client", [("tls", None, "paho"), ("mtls", "client", "paho"),
+                                                  ("mtls", "client", "awsiotsdk")])
+def test_tls_and_mutual_tls(make_config, broker, tmp_path, listener, cert, client):
     rows = normal_rows(5)
-    config = mqtt_config(make_config, broker, f"secure/{listener}", listener=listener, cert=cert)
+    config = mqtt_config(make_config, broker, f"secure/{listener}", listener=listener, cert=cert, client=client)
     with serving(config) as (svc, _):
         wait_for(svc.source.subscribed.is_set)
         assert svc.source.endpoint.startswith("mqtts://")
@@ -196,10 +198,10 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def publishing_config(make_config, broker, **publish):
+def publishing_config(make_config, broker, client="paho", **publish):
     return make_config(source={"kind": "tcp", "port": 0}, health={"log_interval_s": 0},
                        publish={"kind": "mqtt", "mqtt": {"host": "127.0.0.1", "port": broker.ports["plain"],
-                                                         "reconnect_max_s": 1}, **publish})
+                                                         "reconnect_max_s": 1, "client": client}, **publish})
 
 
 def send_tcp(svc, lines: list[str]) -> None:
@@ -215,10 +217,11 @@ def outlier_lines(n: int, first: int = 0) -> list[str]:
     return [record_line(r, ts=time.time(), rid=f"o{first + i}") for i, r in enumerate(rows)]
 
 
-def test_outlier_events_and_a_health_heartbeat_go_to_the_broker(make_config, broker):
+@pytest.mark.parametrize("client", ["paho", "awsiotsdk"])
+def test_outlier_events_and_a_health_heartbeat_go_to_the_broker(make_config, broker, client):
     sub = Subscriber(broker, "edgeloop/dev-test/#")
     try:
-        with serving(publishing_config(make_config, broker, heartbeat_s=0.3)) as (svc, _):
+        with serving(publishing_config(make_config, broker, client, heartbeat_s=0.3)) as (svc, _):
             send_tcp(svc, outlier_lines(3) + [record_line(normal_rows(1)[0], ts=time.time())])
             wait_for(lambda: len(sub.on("edgeloop/dev-test/outliers")) >= 3)
             wait_for(lambda: sub.on("edgeloop/dev-test/health"))
