@@ -57,6 +57,15 @@ def run_command(args: argparse.Namespace) -> int:
 
             report_state(nucleus, "ERRORED")
         return 2
+    except Exception:
+        if nucleus is not None:
+            from .greengrass import report_state
+
+            report_state(nucleus, "ERRORED")
+        raise
+    finally:
+        if nucleus is not None:
+            nucleus.close()
     report = stats.__dict__
     if args.json:
         print(json.dumps(report))

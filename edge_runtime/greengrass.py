@@ -2,15 +2,18 @@
 
 Detected from the nucleus's environment (the IPC socket path and the component's token). Here:
 
-* ``NucleusLink``: the IPC connection, made again with backoff after the nucleus restarts;
+* ``NucleusLink``: the IPC connection. Made on first use; a connection-level failure (not a
+  service's answer such as "unauthorized") drops it, and the next call makes a new one. Its
+  ``generation`` counts connections, so streams know when to subscribe again. Every call has a
+  timeout, so a nucleus that accepts but never answers cannot hang the engine.
 * ``IpcSource``: records from local publish/subscribe (``SubscribeToTopic``) or AWS IoT Core
-  (``SubscribeToIoTCore``), resubscribed after a reconnect; a message is one record, a JSON array
-  of records, or a frame, as over MQTT;
+  (``SubscribeToIoTCore``), subscribed again after each reconnect. The client runs stream
+  callbacks on one worker thread, so records arrive in order.
 * ``IpcPublisher``: outlier events and heartbeats to AWS IoT Core (``PublishToIoTCore``, QoS 1)
-  from the bounded ``EventQueue``;
-* ``component_configuration`` / ``follow_configuration``: the component's ``runtime`` configuration
-  read at start and followed live (``SubscribeToConfigurationUpdate``);
-* ``report_state``: ``UpdateState`` (RUNNING once serving, ERRORED with a log line on a fatal error).
+  from the bounded ``EventQueue``.
+* ``ConfigFollower``: the component's ``runtime`` configuration followed live
+  (``SubscribeToConfigurationUpdate``), subscribed again after each reconnect.
+* ``component_configuration`` and ``report_state`` (``UpdateState``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from .contracts import PublishConfig, SourceConfig
 from .publish import EventQueue
@@ -33,6 +37,8 @@ SOCKET_ENV = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
 TOKEN_ENV = "SVCUID"
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
+CALL_TIMEOUT_S = 10.0
+MAX_PUBLISH_TRIES = 5  # a refused event (not a lost connection) is dropped, counted, after this many
 CONFIG_KEY = "runtime"  # the component configuration key that holds runtime settings
 
 
@@ -41,37 +47,56 @@ def under_greengrass() -> bool:
     return bool(os.environ.get(SOCKET_ENV)) and bool(os.environ.get(TOKEN_ENV))
 
 
+def is_service_answer(err: BaseException) -> bool:
+    """The nucleus answered with an error (unauthorized, not found, ...): the connection is fine."""
+    try:
+        from awsiot.greengrasscoreipc.model import GreengrassCoreIPCError
+    except ImportError:
+        return False
+    return isinstance(err, GreengrassCoreIPCError)
+
+
 class NucleusLink:
-    """The IPC client, connected on first use and again after a failure."""
+    """The IPC client, connected on first use and again after a connection-level failure."""
 
     def __init__(self) -> None:
         self._client = None
         self._lock = threading.Lock()
+        self.generation = 0
 
     def client(self):
         with self._lock:
             if self._client is None:
                 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 
-                self._client = GreengrassCoreIPCClientV2()
+                # one callback thread: stream events in order, never two at once
+                self._client = GreengrassCoreIPCClientV2(executor=ThreadPoolExecutor(max_workers=1))
+                self.generation += 1
                 log.info("greengrass: connected to the nucleus at %s", os.environ.get(SOCKET_ENV))
             return self._client
 
-    def drop(self) -> None:
+    def drop(self, client=None) -> None:
+        """Forget the connection (``client``: only if it is still the current one)."""
         with self._lock:
+            if self._client is None or (client is not None and client is not self._client):
+                return
             client, self._client = self._client, None
-        if client is not None:
-            try:
-                client.close(executor_wait=False)
-            except Exception:
-                pass
-
-    def call(self, fn: Callable):
-        """``fn(client)``; a failure drops the connection, so the next call makes a new one."""
         try:
-            return fn(self.client())
+            client.close(executor_wait=False)
         except Exception:
-            self.drop()
+            pass
+
+    def call(self, fn: Callable, timeout: float = CALL_TIMEOUT_S):
+        """``fn(client)`` returns a future (an ``*_async`` call); its result within ``timeout``."""
+        client = self.client()
+        try:
+            result = fn(client)
+            future = result[0] if isinstance(result, tuple) else result
+            value = future.result(timeout)
+            return (value, result[1]) if isinstance(result, tuple) else value
+        except Exception as err:
+            if not is_service_answer(err):
+                self.drop(client)
             raise
 
     def close(self) -> None:
@@ -81,7 +106,7 @@ class NucleusLink:
 def component_configuration(link: NucleusLink) -> dict:
     """The ``runtime`` mapping of this component's configuration ({} if there is none)."""
     try:
-        value = link.call(lambda c: c.get_configuration(key_path=[CONFIG_KEY]).value)
+        value = link.call(lambda c: c.get_configuration_async(key_path=[CONFIG_KEY])).value
     except Exception as err:
         if type(err).__name__ == "ResourceNotFoundError":
             return {}
@@ -89,132 +114,198 @@ def component_configuration(link: NucleusLink) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def follow_configuration(link: NucleusLink, on_change: Callable[[], None]) -> None:
-    """Call ``on_change`` when the component's ``runtime`` configuration changes."""
-    link.call(lambda c: c.subscribe_to_configuration_update(
-        key_path=[CONFIG_KEY], on_stream_event=lambda event: on_change()))
-
-
 def report_state(link: NucleusLink, state: str) -> None:
     try:
-        link.call(lambda c: c.update_state(state=state))
+        link.call(lambda c: c.update_state_async(state=state))
     except Exception as err:  # the state is a courtesy to the nucleus: never a reason to stop
         log.warning("greengrass: could not report state %s: %s", state, err)
 
 
-class IpcSource:
-    finite = False
+class _Streams:
+    """Subscriptions kept up across reconnects: made again whenever the link's generation moves on
+    or a stream closes. Callbacks of an older round are ignored."""
 
-    def __init__(self, config: SourceConfig, device_id: str, link: NucleusLink) -> None:
-        self.config = config
+    name = "streams"
+
+    def __init__(self, link: NucleusLink) -> None:
         self.link = link
-        ipc = config.ipc
-        self.via = ipc.via
-        self.topics = [t.format(device_id=device_id) for t in ipc.topics]
-        self.name = f"greengrass:{ipc.via}:{','.join(self.topics)}"
         self.connected = threading.Event()
-        self.received = 0
-        self._no = 0
-        self._closed = threading.Event()
-        self._device_id = device_id
+        self._round = 0
+        self._broken = threading.Event()
         self._ops: list = []
-        self._retargeting = False
+        self._lock = threading.Lock()
 
-    def _on_message(self, topic: str, body: bytes) -> None:
-        self.received += 1
-        self._no += 1
-        self._emit(message_payload(self.config, body, f"greengrass:{topic}", self._no))
+    def _open(self, round_: int) -> list:  # the subscriptions of one round (ops)
+        raise NotImplementedError
 
-    def _local_event(self, event) -> None:
-        msg = event.binary_message or event.json_message
-        if event.binary_message is not None:
-            body, topic = msg.message or b"", getattr(msg.context, "topic", None) or self.topics[0]
-        else:
-            import orjson
+    def _closed_cb(self, round_: int) -> Callable[[], None]:
+        def closed() -> None:
+            if round_ == self._round:
+                self._broken.set()
+        return closed
 
-            body, topic = orjson.dumps(msg.message), getattr(msg.context, "topic", None) or self.topics[0]
-        self._on_message(topic, body)
-
-    def _iot_event(self, event) -> None:
-        msg = event.message
-        body = msg.payload if isinstance(msg.payload, bytes) else base64.b64decode(msg.payload or b"")
-        self._on_message(msg.topic_name, body)
-
-    def _subscribe(self) -> None:
-        from awsiot.greengrasscoreipc.model import QOS
-
-        for topic in self.topics:
-            if self.via == "local":
-                _, op = self.link.call(lambda c, t=topic: c.subscribe_to_topic(
-                    topic=t, on_stream_event=self._local_event, on_stream_error=self._stream_error,
-                    on_stream_closed=self._closed.set))
-            else:
-                qos = QOS.AT_LEAST_ONCE if self.config.ipc.qos else QOS.AT_MOST_ONCE
-                _, op = self.link.call(lambda c, t=topic, qos=qos: c.subscribe_to_iot_core(
-                    topic_name=t, qos=qos, on_stream_event=self._iot_event, on_stream_error=self._stream_error,
-                    on_stream_closed=self._closed.set))
-            self._ops.append(op)
-
-    def retarget(self, config: SourceConfig) -> bool:
-        """New record topics (a live reconfiguration): the subscriptions are made again. False if
-        what changed is not the IPC subscription (that needs a restart)."""
-        if config.resolved_kind != "ipc" or config.model_dump(exclude={"ipc"}) != self.config.model_dump(
-                exclude={"ipc"}):
-            return False
-        self.config = config
-        self.via = config.ipc.via
-        self.topics = [t.format(device_id=self._device_id) for t in config.ipc.topics]
-        self.name = f"greengrass:{self.via}:{','.join(self.topics)}"
-        self._retargeting = True
-        self._close_ops()
-        self._closed.set()
-        return True
+    def _error_cb(self, round_: int) -> Callable[[Exception], bool]:
+        def error(err: Exception) -> bool:
+            if round_ == self._round:
+                log.warning("greengrass: %s: stream error: %s", self.name, err)
+                self._broken.set()
+            return True
+        return error
 
     def _close_ops(self) -> None:
-        ops, self._ops = self._ops, []
+        with self._lock:
+            ops, self._ops = self._ops, []
         for op in ops:
             try:
                 op.close()
             except Exception:
                 pass
 
-    def _stream_error(self, err: Exception) -> bool:
-        log.warning("greengrass: subscription error: %s", err)
-        self._closed.set()
+    def renew(self) -> None:
+        """Subscribe again at once (new topics)."""
+        self._broken.set()
+
+    def keep(self, stop: threading.Event) -> None:
+        backoff = 0.0
+        while not stop.is_set():
+            self._round += 1
+            round_ = self._round
+            self._broken.clear()
+            self._close_ops()
+            try:
+                ops = self._open(round_)
+            except Exception as err:
+                self._close_ops()
+                backoff = min(backoff * 2 if backoff else BACKOFF_START_S, BACKOFF_MAX_S)
+                log.error("greengrass: %s: cannot subscribe (%s: %s); retrying in %.0f s", self.name,
+                          type(err).__name__, err, backoff)
+                stop.wait(backoff * random.uniform(0.5, 1.0))
+                continue
+            with self._lock:
+                self._ops = ops
+            backoff = 0.0
+            self.connected.set()
+            gen = self.link.generation
+            while not stop.is_set() and not self._broken.wait(0.2) and self.link.generation == gen:
+                pass
+            self.connected.clear()
+            if stop.is_set():
+                break
+            if not self._broken.is_set() or self.link.generation != gen:
+                continue  # reconnected by someone else: subscribe on the new connection
+            stop.wait(0.05)
+        self._close_ops()
+
+
+class IpcSource(_Streams):
+    finite = False
+
+    def __init__(self, config: SourceConfig, device_id: str, link: NucleusLink) -> None:
+        super().__init__(link)
+        self.config = config
+        self._device_id = device_id
+        self._set_topics(config)
+        self.received = 0
+        self._no = 0
+        self._emit: Emit | None = None
+
+    def _set_topics(self, config: SourceConfig) -> None:
+        self.via = config.ipc.via
+        self.topics = [t.format(device_id=self._device_id) for t in config.ipc.topics]
+        self.name = f"greengrass:{self.via}:{','.join(self.topics)}"
+
+    def _message(self, round_: int, topic: str, body: bytes) -> None:
+        if round_ != self._round or self._emit is None:
+            return  # an old subscription's last message: the new one is already up
+        self.received += 1
+        self._no += 1
+        self._emit(message_payload(self.config, body, f"greengrass:{topic}", self._no))
+
+    def _open(self, round_: int) -> list:
+        from awsiot.greengrasscoreipc.model import QOS
+
+        ops = []
+        for topic in self.topics:
+            if self.via == "local":
+                def local(event, t=topic):
+                    if event.binary_message is not None:
+                        body = event.binary_message.message or b""
+                        where = getattr(event.binary_message.context, "topic", None) or t
+                    else:
+                        import orjson
+
+                        body = orjson.dumps(event.json_message.message)
+                        where = getattr(event.json_message.context, "topic", None) or t
+                    self._message(round_, where, body)
+
+                _, op = self.link.call(lambda c, t=topic, h=local: c.subscribe_to_topic_async(
+                    topic=t, on_stream_event=h, on_stream_error=self._error_cb(round_),
+                    on_stream_closed=self._closed_cb(round_)))
+            else:
+                qos = QOS.AT_LEAST_ONCE if self.config.ipc.qos else QOS.AT_MOST_ONCE
+
+                def iot(event):
+                    msg = event.message
+                    body = msg.payload if isinstance(msg.payload, bytes) else base64.b64decode(msg.payload or b"")
+                    self._message(round_, msg.topic_name, body)
+
+                _, op = self.link.call(lambda c, t=topic, q=qos, h=iot: c.subscribe_to_iot_core_async(
+                    topic_name=t, qos=q, on_stream_event=h, on_stream_error=self._error_cb(round_),
+                    on_stream_closed=self._closed_cb(round_)))
+            ops.append(op)
+            with self._lock:
+                self._ops.append(op)  # closed with the rest if a later topic fails
+        log.info("greengrass: receiving records from %s", self.name)
+        return ops
+
+    def retarget(self, config: SourceConfig) -> bool:
+        """New record topics (a live reconfiguration): subscribed again. False if what changed is not
+        the IPC subscription (that needs a restart)."""
+        if config.resolved_kind != "ipc" or config.model_dump(exclude={"ipc"}) != self.config.model_dump(
+                exclude={"ipc"}):
+            return False
+        self.config = config
+        self._set_topics(config)
+        self.renew()
         return True
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         self._emit = emit
-        backoff = 0.0
-        while not stop.is_set():
-            self._closed.clear()
-            try:
-                self._subscribe()
-            except Exception as err:
-                backoff = min(backoff * 2 if backoff else BACKOFF_START_S, BACKOFF_MAX_S)
-                log.error("greengrass: cannot subscribe to %s (%s); retrying in %.0f s", ", ".join(self.topics),
-                          err, backoff)
-                stop.wait(backoff * random.uniform(0.5, 1.0))
-                continue
-            backoff = 0.0
-            self.connected.set()
-            log.info("greengrass: receiving records from %s", self.name)
-            while not stop.is_set() and not self._closed.wait(0.2):
-                pass
-            self.connected.clear()
-            self._close_ops()
-            if stop.is_set():
-                break
-            if self._retargeting:  # new topics: subscribe again at once, on the same connection
-                self._retargeting = False
-                continue
-            log.warning("greengrass: subscription closed (the nucleus restarted?); subscribing again")
-            self.link.drop()
-            stop.wait(BACKOFF_START_S * random.uniform(0.5, 1.0))
+        self.keep(stop)
 
     def close(self) -> None:
         self._close_ops()
-        self._closed.set()
+
+
+class ConfigFollower(_Streams):
+    """Calls ``on_change`` when the component's ``runtime`` configuration changes, across reconnects."""
+
+    name = "configuration"
+
+    def __init__(self, link: NucleusLink, on_change: Callable[[], None]) -> None:
+        super().__init__(link)
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._first = True
+
+    def _open(self, round_: int) -> list:
+        def changed(event) -> None:
+            if round_ == self._round:
+                self.on_change()
+
+        _, op = self.link.call(lambda c: c.subscribe_to_configuration_update_async(
+            key_path=[CONFIG_KEY], on_stream_event=changed, on_stream_error=self._error_cb(round_),
+            on_stream_closed=self._closed_cb(round_)))
+        if not self._first:  # it may have changed while we were away
+            self.on_change()
+        self._first = False
+        return [op]
+
+    def start(self) -> None:
+        threading.Thread(target=self.keep, args=(self._stop,), name="edgeloop-gg-config", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class IpcPublisher:
@@ -238,46 +329,55 @@ class IpcPublisher:
         self._thread = threading.Thread(target=self._run, name="edgeloop-ipc-publisher", daemon=True)
         self._thread.start()
 
-    def _publish(self, item: tuple[str, bytes]) -> None:
-        from awsiot.greengrasscoreipc.model import QOS
+    def _send(self, topic: str, payload: bytes, legs: set) -> None:
+        """Each leg once: a retry after IoT Core took it but local pub/sub did not sends only the rest."""
+        from awsiot.greengrasscoreipc.model import QOS, BinaryMessage, PublishMessage
 
-        qos = QOS.AT_LEAST_ONCE if self.config.qos else QOS.AT_MOST_ONCE
-        self.link.call(lambda c: c.publish_to_iot_core(topic_name=item[0], qos=qos, payload=item[1]))
-        if self.config.also_local:
-            from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage
-
-            message = PublishMessage(binary_message=BinaryMessage(message=item[1]))
-            self.link.call(lambda c: c.publish_to_topic(topic=item[0], publish_message=message))
+        if "iot_core" not in legs:
+            qos = QOS.AT_LEAST_ONCE if self.config.qos else QOS.AT_MOST_ONCE
+            self.link.call(lambda c: c.publish_to_iot_core_async(topic_name=topic, qos=qos, payload=payload))
+            legs.add("iot_core")
+        if self.config.also_local and "local" not in legs:
+            message = PublishMessage(binary_message=BinaryMessage(message=payload))
+            self.link.call(lambda c: c.publish_to_topic_async(topic=topic, publish_message=message))
+            legs.add("local")
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff, item, legs, tries = 0.0, None, set(), 0
         while not self._stop.is_set():
             self.queue.beat()
-            item = self.queue.take()
             if item is None:
-                self._stop.wait(0.05)
-                continue
+                item, legs, tries = self.queue.take(), set(), 0
+                if item is None:
+                    self._stop.wait(0.05)
+                    continue
             try:
-                self._publish(item)
+                self._send(item[0], item[1], legs)
             except Exception as err:
-                self.queue.put_back(item)
+                tries += 1
+                if is_service_answer(err) and tries >= MAX_PUBLISH_TRIES:  # refused, not lost: give up on it
+                    log.error("greengrass: event to %s refused %d times (%s); dropped", item[0], tries, err)
+                    self.health.events_dropped += 1
+                    item = None
+                    continue
                 backoff = min(backoff * 2 if backoff else BACKOFF_START_S, BACKOFF_MAX_S)
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    log.warning("greengrass: PublishToIoTCore failed (%s); %d events wait, retrying with backoff",
-                                err, self.queue.queued)
+                    log.warning("greengrass: publishing failed (%s); %d events wait, retrying with backoff",
+                                err, self.queue.queued + 1)
                 self._stop.wait(backoff * random.uniform(0.5, 1.0))
                 continue
-            backoff = 0.0
-            self._down_since = None
+            item, backoff, self._down_since = None, 0.0, None
             self.health.events_published += 1
+        if item is not None:
+            self.queue.put_back(item)
 
     def stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.queue.queued and self._down_since is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.queue.queued:
-            log.warning("greengrass: %d events not published at stop", self.queue.queued)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(max(deadline - time.monotonic(), 1.0))
+        if self.queue.queued:
+            log.warning("greengrass: %d events not published at stop", self.queue.queued)

@@ -18,6 +18,7 @@ published as a reference to the outlier sample object that holds the record.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import ssl
 import threading
@@ -54,6 +55,23 @@ class MqttLink:
         self.connected = threading.Event()
         self._on_connected = on_connected
         self._refused: str | None = None
+        self.generation = 0  # connections made; an ack of an older one is not sent on a newer one
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def ack_later(self, mid: int, qos: int) -> Callable[[], None]:
+        """An ack for the engine to call when it has handled the message: it is only queued, and
+        sent by this link's own thread (paho's writes are not safe from two threads)."""
+        generation = self.generation
+        return lambda: self._acks.put((generation, mid, qos))
+
+    def _send_acks(self) -> None:
+        while True:
+            try:
+                generation, mid, qos = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            if generation == self.generation:  # else: its connection is gone; the broker sends it again
+                self.client.ack(mid, qos)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -76,7 +94,9 @@ class MqttLink:
                 continue
             began = time.monotonic()
             self._refused = None
+            self.generation += 1
             while not stop.is_set():
+                self._send_acks()
                 rc = self.client.loop(timeout=0.1)
                 if rc != 0:  # the link is gone
                     break
@@ -139,7 +159,7 @@ class MqttSource:
         self._no += 1
         payload = self.payload(msg.payload, f"mqtt:{msg.topic}", self._no)
         if msg.qos > 0:
-            payload.ack = lambda mid=msg.mid, qos=msg.qos: client.ack(mid, qos)
+            payload.ack = self.link.ack_later(msg.mid, msg.qos)
         if self._emit is not None:
             self._emit(payload)  # may wait: back-pressure, and the broker holds what is not acked
 
@@ -187,7 +207,12 @@ class MqttPublisher:
             item = self.queue.take()
             if item is None:
                 return
-            info = self.link.client.publish(item[0], item[1], qos=self.config.qos)
+            try:
+                info = self.link.client.publish(item[0], item[1], qos=self.config.qos)
+            except ValueError as err:  # a topic paho will not publish to (a bad events_topic)
+                log.error("mqtt %s: cannot publish to %r: %s; event dropped", self.link.endpoint, item[0], err)
+                self.health.events_dropped += 1
+                continue
             if self.config.qos:
                 self._inflight.append(info)
             else:
@@ -198,12 +223,12 @@ class MqttPublisher:
         deadline = time.monotonic() + timeout
         while (self.queue.queued or self._inflight) and self.link.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = self.queue.queued + sum(not i.is_published() for i in self._inflight)
-        if left:
-            log.warning("mqtt %s: %d events not published at stop", self.link.endpoint, left)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(max(deadline - time.monotonic(), 1.0))
+        left = self.queue.queued + sum(not i.is_published() for i in list(self._inflight))
+        if left:
+            log.warning("mqtt %s: %d events not published at stop", self.link.endpoint, left)
 
 
 def _rc(rc: object) -> str:

@@ -47,6 +47,8 @@ class Service:
     ) -> None:
         self.config = config
         self.nucleus = nucleus  # a greengrass.NucleusLink when the nucleus runs us
+        self._follower = None
+        self.input_path = input_path
         self._resolve_transports(config, input_path)
         self.config_path = config_path
         self.overrides = overrides or {}
@@ -169,7 +171,12 @@ class Service:
             reserve = min(1.0, self.config.service.grace_s / 4)  # for writing the last window
             stats = rt.close(upload_timeout=max(self._grace_left() - reserve, 0.1))
             if self.publisher is not None:
-                self.publisher.stop(max(min(self._grace_left() - reserve, 5.0), 0.1))
+                try:
+                    self.publisher.stop(max(min(self._grace_left() - reserve, 5.0), 0.1))
+                except Exception:
+                    log.exception("publisher did not stop cleanly")
+            if self._follower is not None:
+                self._follower.stop()
             if self._metrics is not None:
                 self._metrics.shutdown()
                 self._metrics.server_close()
@@ -220,13 +227,13 @@ class Service:
                 log.info(self.health.log_line())
 
     def _greengrass_started(self) -> None:
-        from .greengrass import follow_configuration, report_state
+        """RUNNING, and the configuration followed; on a thread, so a slow nucleus delays nothing."""
+        from .greengrass import ConfigFollower, report_state
 
-        report_state(self.nucleus, "RUNNING")
-        try:
-            follow_configuration(self.nucleus, self.request_reload)
-        except Exception as err:
-            log.warning("greengrass: configuration updates will not be followed: %s", err)
+        self._follower = ConfigFollower(self.nucleus, self.request_reload)
+        self._follower.start()
+        threading.Thread(target=report_state, args=(self.nucleus, "RUNNING"), name="edgeloop-gg-state",
+                         daemon=True).start()
 
     def _grace_left(self) -> float:
         if self._stop_at is None:
@@ -271,7 +278,7 @@ class Service:
             where = self.config_path or "the Greengrass component configuration"
             try:
                 new = load_runtime_config(self.config_path, self.overrides, self._nucleus_configuration())
-                self._resolve_transports(new, None)
+                self._resolve_transports(new, self.input_path)
             except Exception as err:  # unreadable, not UTF-8, invalid, the nucleus not answering
                 log.error("reload refused: %s: %s; still serving %s", where, err, self.runtime.model.describe())
                 return
@@ -301,7 +308,8 @@ class Service:
             applied.append("scoring.threshold")
             scoring = old.scoring.model_copy(update={"threshold": new.scoring.threshold})
             old = old.model_copy(update={"scoring": scoring})  # the rest of scoring still needs a restart
-        if new.publish != old.publish and self.publisher is not None and new.publish.kind == old.publish.kind:
+        if (new.publish != old.publish and self.publisher is not None and new.publish.kind == old.publish.kind
+                and new.publish.mqtt == old.publish.mqtt and new.publish.qos == old.publish.qos):  # same connection
             self.publisher.queue.reconfigure(new.publish, new.device_id)
             self.publisher.config = new.publish
             applied.append("publish")

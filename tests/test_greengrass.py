@@ -162,3 +162,45 @@ def test_ipc_off_greengrass_is_a_clear_error(make_config, monkeypatch):
     monkeypatch.delenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", raising=False)
     with pytest.raises(ContractError, match="needs the Greengrass nucleus"):
         Service(make_config(source={"kind": "ipc"}))
+
+
+def test_a_refused_publish_neither_loses_the_event_nor_stops_the_records(make_config, nucleus, tmp_path):
+    config = gg_config(make_config, publish={"heartbeat_s": 0})
+    with serving(config, NucleusLink()) as (svc, _):
+        nucleus.wait_subscribed("local")
+        nucleus.fail_publish = True  # the nucleus answers PublishToIoTCore with an error
+        nucleus.deliver_local("edgeloop/dev-test/records", outlier(6, time.time()))
+        wait_for(lambda: svc.health.outliers >= 1)
+        time.sleep(0.5)
+        nucleus.fail_publish = False
+        # the subscription is still up, and the refused event goes once the nucleus takes it
+        assert nucleus.deliver_local("edgeloop/dev-test/records", outlier(7, time.time())) == 1
+        wait_for(lambda: {json.loads(p["payload"])["id"] for p in nucleus.iot_core_published} == {"g6", "g7"})
+
+
+def test_records_arrive_in_order_and_configuration_is_followed_after_a_nucleus_restart(nucleus, bundle_dir,
+                                                                                       tmp_path):
+    overrides = {"device_id": "dev-test", "bundle": str(bundle_dir), "sinks.outbox": str(tmp_path / "outbox"),
+                 "sinks.events": str(tmp_path / "events.jsonl"), "sinks.dead_letter": str(tmp_path / "dl.jsonl"),
+                 "store.url": str(tmp_path / "store"), "health.log_interval_s": "0", "publish.heartbeat_s": "0"}
+    config = load_runtime_config(None, overrides)
+    with serving(config, NucleusLink(), overrides) as (svc, _):
+        nucleus.wait_subscribed("local")
+        emit = svc.source._emit
+
+        def slow_emit(payload, rng=__import__("random").Random(3)):  # a busy engine: callbacks overlap if they can
+            time.sleep(rng.uniform(0, 0.003))
+            return emit(payload)
+
+        svc.source._emit = slow_emit
+        now = time.time()
+        for i in range(100):
+            nucleus.deliver_local("edgeloop/dev-test/records", outlier(100 + i, now))
+        wait_for(lambda: svc.health.outliers >= 100)
+        nucleus.stop()
+        nucleus.start()
+        nucleus.wait_subscribed("configuration", timeout=15)  # followed again on the new connection
+        nucleus.set_configuration({"runtime": {"window": {"seconds": 120}}})
+        wait_for(lambda: svc.runtime.config.window.seconds == 120)
+    ids = [e["id"] for e in read_jsonl(tmp_path / "events.jsonl") if e["kind"] == "outlier"]
+    assert ids == [f"g{100 + i}" for i in range(100)]  # one callback thread: in the order sent

@@ -171,7 +171,9 @@ def test_no_record_is_lost_across_a_broker_restart(make_config, broker, tmp_path
         broker.restart(down_s=0.5)  # the runtime's session survives in the broker's persistence
         publish(broker, "plant/restart", lines[20:])  # QoS 1, kept for the runtime until it is back
         wait_for(lambda: svc.health.scored >= 40, timeout=30)
-    assert sum(s.records for s in summaries(tmp_path)) == 40
+    # QoS 1 is at least once: a record handled just before the link dropped, whose ack had not gone
+    # out yet, comes again; never fewer than were sent, and at most the broker's in-flight window more
+    assert 40 <= sum(s.records for s in summaries(tmp_path)) <= 40 + 20
 
 
 # -- events and heartbeats out -------------------------------------------------------------------------
