@@ -20,7 +20,9 @@ def record_line(values, ts=synthetic.START_TS, rid=None) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    # split on newlines only: str.splitlines() also splits on U+0085, U+2028 and U+2029, which JSON
+    # may carry unescaped inside a string
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line]
 
 
 def normal_rows(n: int, seed: int = 0) -> np.ndarray:

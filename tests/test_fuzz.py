@@ -772,6 +772,7 @@ def test_runtime_scores_every_valid_line_and_counts_every_other_once(make_config
 @given(rid=st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
        | st.tuples(st.text(max_size=4), st.characters(categories=["Cs"])).map("".join))
 @example(rid="\ud800")
+@example(rid="\x85\ud800")  # NEL is a line break to str.splitlines, not to JSON Lines
 def test_runtime_survives_any_string_id_on_an_outlier(make_config, tmp_path, rid):
     """Found here: a lone surrogate in an outlier's id (JSON \\ud800, let through by the lenient
     parser) made orjson refuse the event and took the engine down."""
