@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,32 @@ def read_samples(data: bytes) -> list[dict]:
     import gzip
 
     return [json.loads(line) for line in gzip.decompress(data).splitlines() if line]
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02):
+    """``predicate()``'s first truthy value, polling; an AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+@contextmanager
+def serving(config, **kwargs):
+    """A Service on a thread (no signal handlers there); stopped and joined on exit."""
+    from edge_runtime.service import Service
+
+    service = Service(config, **kwargs)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
+    thread.start()
+    assert service.started.wait(15), "service did not start"
+    try:
+        yield service, out
+    finally:
+        service.request_stop()
+        thread.join(30)
+        assert not thread.is_alive(), "service did not stop within 30 s"

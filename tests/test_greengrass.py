@@ -8,13 +8,13 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import bundle_copy, normal_rows, read_jsonl, record_line
+from helpers import bundle_copy, normal_rows, read_jsonl, record_line, wait_for
 from nucleus import Nucleus
 
 from edge_runtime.contracts import ContractError, load_runtime_config, load_summary
@@ -35,29 +35,13 @@ def nucleus(monkeypatch):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {predicate}")
-
-
 @contextmanager
 def serving(config, link, overrides=None):
-    service = Service(config, nucleus=link, overrides=overrides)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
-    thread.start()
-    assert service.started.wait(15)
+    """The service as the nucleus runs it; the IPC connection closed after."""
     try:
-        yield service, out
+        with helpers.serving(config, nucleus=link, overrides=overrides) as running:
+            yield running
     finally:
-        service.request_stop()
-        thread.join(30)
-        assert not thread.is_alive()
         link.close()
 
 

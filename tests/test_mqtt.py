@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 from broker import Broker
-from helpers import normal_rows, read_jsonl, record_line
+from helpers import normal_rows, read_jsonl, record_line, serving, wait_for
 
 from edge_runtime.contracts import load_summary
 from edge_runtime.frames import encode_frame
-from edge_runtime.service import Service
 from edge_runtime.store import LocalStore
 
 pytestmark = pytest.mark.skipif(not Broker.available(), reason="mosquitto is not installed (.ci/run installs it)")
@@ -28,16 +25,6 @@ def broker(tmp_path_factory):
     b = Broker(tmp_path_factory.mktemp("mosquitto")).start()
     yield b
     b.stop()
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 def publish(broker: Broker, topic: str, messages: list[bytes], listener: str = "plain") -> None:
@@ -69,21 +56,6 @@ def mqtt_config(make_config, broker, topic, listener="plain", cert=None, client=
         mqtt.update(cert_file=str(c.stranger_cert), key_file=str(c.stranger_key))
     return make_config(source={"kind": "mqtt", "mqtt": mqtt, "max_message_bytes": 4096, **extra},
                        health={"log_interval_s": 0}, window={"seconds": 3600})
-
-
-@contextmanager
-def serving(config):
-    service = Service(config)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
-    thread.start()
-    assert service.started.wait(15)
-    try:
-        yield service, out
-    finally:
-        service.request_stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def summaries(tmp_path) -> list:

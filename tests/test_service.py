@@ -13,12 +13,11 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, bundle_copy, normal_rows, read_jsonl, record_line, window_name
+from helpers import REPO, bundle_copy, normal_rows, read_jsonl, record_line, serving, wait_for, window_name
 
 from cloud import synthetic
 from edge_runtime.batcher import IntakeQueue
@@ -29,32 +28,6 @@ from edge_runtime.sources import FileSource, Payload
 from edge_runtime.store import LocalStore
 
 T0 = synthetic.START_TS
-
-
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
-
-
-@contextmanager
-def serving(config, **kwargs):
-    """A Service on a thread (no signal handlers there); stopped and joined on exit."""
-    service = Service(config, **kwargs)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("stats", service.run()), daemon=True)
-    thread.start()
-    assert service.started.wait(15), "service did not start"
-    try:
-        yield service, out
-    finally:
-        service.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "service did not stop within 30 s"
 
 
 def tcp_config(make_config, **overrides):
@@ -355,7 +328,6 @@ class Done:
 
 
 def test_drop_oldest_counts_drops_in_the_window_summary(make_config, tmp_path):
-    from edge_runtime.service import Service
 
     config = make_config(queue={"max_records": 10, "when_full": "drop_oldest"}, health={"log_interval_s": 0})
     lines = tmp_path / "in.jsonl"

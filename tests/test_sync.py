@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from helpers import normal_rows, record_line, window_name
+from helpers import normal_rows, record_line, wait_for, window_name
 from netfault import FaultProxy
 
 from cloud.drift import load_fleet
@@ -28,16 +28,6 @@ from edge_runtime.spool import SpoolBusy
 from edge_runtime.store import LocalStore, S3Store, StoreError, open_store
 
 T0 = 1_793_491_200  # 2026-11-01T00:00:00Z
-
-
-def wait_for(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
 
 
 def s3_config(bucket: str, endpoint: str, **extra) -> dict:
