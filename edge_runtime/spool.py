@@ -115,7 +115,6 @@ class Spool:
         self._lock_fd: int | None = None
         self.disk_full: str | None = None  # why, while writes fail for lack of space
         self.quarantined = 0
-        self.replays: set[str] = set()
         self._ledger: OrderedDict[str, None] = OrderedDict()
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -192,6 +191,12 @@ class Spool:
         else:
             self._memory += e.size
 
+    def _unindex(self, e: Entry) -> None:
+        """Out of the index, if it is still this entry there (lock held)."""
+        if self._queues[e.kind].get(e.key) is e:
+            self._queues[e.kind].pop(e.key)
+            self._forget(e)
+
     def _forget(self, e: Entry) -> None:
         if e.data is None:
             self._bytes -= e.size
@@ -228,10 +233,6 @@ class Spool:
             self._disk_ok()
         return True
 
-    @property
-    def on_disk(self) -> int:
-        return self._bytes
-
     def _write(self, key: str, data: bytes) -> None:
         path = self.root / key
         make_dirs(path.parent, self.fsync)
@@ -265,9 +266,7 @@ class Spool:
         return False
 
     def _drop(self, e: Entry, why: str) -> None:
-        q = self._queues[e.kind]
-        q.pop(e.key, None)
-        self._forget(e)
+        self._unindex(e)
         if e.kind == "summary":
             # its own records, and the drops its header was reporting: both are now reported here
             records, carried = _summary_counts(e.data if e.data is not None else self.root / e.key)
@@ -475,9 +474,7 @@ class Spool:
             return (self.root / e.key).read_bytes()
         except FileNotFoundError:
             with self._lock:
-                if self._queues[e.kind].get(e.key) is e:
-                    self._queues[e.kind].pop(e.key)
-                    self._forget(e)
+                self._unindex(e)
             return None
         except OSError as err:  # unreadable (a bad sector, permissions): aside, so the rest go on
             self.quarantine(e, f"unreadable ({err.strerror or err})")
@@ -486,9 +483,7 @@ class Spool:
     def done(self, e: Entry) -> None:
         """The store has it: forget it."""
         with self._lock:
-            if self._queues[e.kind].get(e.key) is e:
-                self._queues[e.kind].pop(e.key)
-                self._forget(e)
+            self._unindex(e)
             self._inflight = None
         if e.data is None:
             _unlink(self.root / e.key)
@@ -514,9 +509,7 @@ class Spool:
 
     def _remove_aside(self, e: Entry, folder: str, why: str) -> None:
         with self._lock:
-            if self._queues[e.kind].get(e.key) is e:
-                self._queues[e.kind].pop(e.key)
-                self._forget(e)
+            self._unindex(e)
             self._inflight = None
         if e.data is None:
             self._set_aside(self.root / e.key, folder, f"{e.key}: {why}")
