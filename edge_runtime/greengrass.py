@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .contracts import PublishConfig, SourceConfig
-from .publish import EventQueue
+from .publish import Publisher
 from .sources import Emit, message_payload
 
 log = logging.getLogger(__name__)
@@ -308,22 +308,15 @@ class ConfigFollower(_Streams):
         self._stop.set()
 
 
-class IpcPublisher:
+class IpcPublisher(Publisher):
     """Events and heartbeats to AWS IoT Core through the nucleus, from a bounded ``EventQueue``."""
 
     def __init__(self, config: PublishConfig, device_id: str, health, link: NucleusLink) -> None:
-        self.config = config
-        self.health = health
+        super().__init__(config, device_id, health)
         self.link = link
-        self.queue = EventQueue(config, device_id, health)
-        self.event = self.queue.event
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
-
-    @property
-    def queued(self) -> int:
-        return self.queue.queued
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgeloop-ipc-publisher", daemon=True)

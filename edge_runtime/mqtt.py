@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .contracts import MqttConnection, PublishConfig, SourceConfig
-from .publish import EventQueue
+from .publish import Publisher
 from .sources import Emit, Payload, message_payload
 
 log = logging.getLogger(__name__)
@@ -174,24 +174,17 @@ class MqttSource:
         self.link.close()
 
 
-class MqttPublisher:
+class MqttPublisher(Publisher):
     """Events and heartbeats out, QoS 1, from a bounded ``EventQueue``; its own connection and thread."""
 
     def __init__(self, config: PublishConfig, device_id: str, health) -> None:
-        self.config = config
-        self.health = health
-        self.queue = EventQueue(config, device_id, health)
+        super().__init__(config, device_id, health)
         conn = config.mqtt
         self.link = MqttLink(conn, conn.client_id or f"edgeloop-{device_id}-pub", clean_session=True)
         self.link.client.max_inflight_messages_set(MAX_INFLIGHT)
-        self.event = self.queue.event  # the engine's hook
         self._inflight: deque = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def queued(self) -> int:
-        return self.queue.queued
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.link.run, args=(self._stop, self._drain),

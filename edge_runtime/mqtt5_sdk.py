@@ -14,7 +14,7 @@ import threading
 import time
 
 from .contracts import MqttConnection, PublishConfig, SourceConfig
-from .publish import EventQueue
+from .publish import Publisher
 from .sources import Emit, message_payload
 
 log = logging.getLogger(__name__)
@@ -131,23 +131,16 @@ class SdkMqttSource:
         self.link.stop()
 
 
-class SdkMqttPublisher:
+class SdkMqttPublisher(Publisher):
     """Events and heartbeats out through awscrt's MQTT5 client, from a bounded ``EventQueue``."""
 
     def __init__(self, config: PublishConfig, device_id: str, health) -> None:
-        self.config = config
-        self.health = health
-        self.queue = EventQueue(config, device_id, health)
-        self.event = self.queue.event
+        super().__init__(config, device_id, health)
         conn = config.mqtt
         self.link = SdkLink(conn, conn.client_id or f"edgeloop-{device_id}-pub", persistent=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._inflight: list = []
-
-    @property
-    def queued(self) -> int:
-        return self.queue.queued
 
     def start(self) -> None:
         self.link.start()

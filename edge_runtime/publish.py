@@ -74,3 +74,18 @@ class EventQueue:
     @property
     def queued(self) -> int:
         return len(self._items)
+
+
+class Publisher:
+    """What every transport's publisher shares: the bounded queue the engine offers events to
+    (through ``event``, the engine's hook) and the transport takes from."""
+
+    def __init__(self, config: PublishConfig, device_id: str, health) -> None:
+        self.config = config
+        self.health = health
+        self.queue = EventQueue(config, device_id, health)
+        self.event = self.queue.event
+
+    @property
+    def queued(self) -> int:
+        return self.queue.queued
