@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,11 +36,111 @@ def _compile(args) -> int:
     return 0
 
 
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _component_build(args) -> int:
+    import shutil
+
     from cloud.components import build_components
 
-    for c in build_components(args.out, args.bundle, store_url=args.store_url):
+    out = Path(args.out)
+    for sub in ("recipes", "artifacts"):  # as GDK does: nothing stale is published with this build
+        shutil.rmtree(out / sub, ignore_errors=True)
+    built = build_components(out, args.bundle, arches=_csv(args.arch), python=args.python,
+                             flavours=_csv(args.onnxruntime), cache=Path(args.wheel_cache))
+    for c in built:
         print(f"built {c.name} {c.version}: {c.recipe}")
+    return 0
+
+
+def _component_lock(args) -> int:
+    from cloud.components import project_root
+    from cloud.wheels import lock
+
+    runtime = project_root() / "components" / "runtime"
+    pins = lock(runtime / "requirements.txt", runtime / "requirements.lock", python=args.python, glibc=args.glibc,
+                arches=_csv(args.arch), progress=lambda m: print(m, file=sys.stderr))
+    print(f"{len(pins)} pins -> {runtime / 'requirements.lock'}")
+    return 0
+
+
+def _component_publish(args) -> int:
+    from cloud.publish import publish
+
+    done = publish(args.build_dir, bucket=args.bucket, region=args.region, only=args.component or None,
+                   wait_s=0 if args.no_wait else args.wait, progress=lambda m: print(m, file=sys.stderr))
+    for p in done:
+        print(f"{p.name} {p.version} {p.arn}")
+    return 0
+
+
+def _component_local(args) -> int:
+    from cloud.publish import local_layout
+
+    recipes, artifacts, versions = local_layout(args.build_dir, args.out, runtime_version=args.runtime_version)
+    merges = " ".join(f'--merge "{n}={v}"' for n, v in versions.items())
+    print(f"local deployment layout in {args.out}; on the device (as root):")
+    print(f"  /greengrass/v2/bin/greengrass-cli deployment create --recipeDir {recipes} "
+          f"--artifactDir {artifacts} {merges}")
+    models = [n for n in versions if n.startswith("com.edgeloop.model.")]
+    if models:
+        from cloud.components import project_root, read_gdk_config
+
+        runtime, _ = read_gdk_config(project_root())
+        update = {runtime: {"MERGE": {"model": {"component": models[0], "version": versions[models[0]]}}}}
+        print(f"  add --update-config '{json.dumps(update)}' to serve {models[0]}")
+    return 0
+
+
+def _deploy(args) -> int:
+    import boto3
+
+    from cloud.deploy import DeployRequest, deploy, deployment_status, format_status
+
+    session = boto3.Session(region_name=args.region) if args.region else boto3.Session()
+    if args.action == "status":
+        print(format_status(deployment_status(session, args.thing_group, args.deployment_id)))
+        return 0
+    if not args.thing_group or not args.model_version:
+        print("edgeloop deploy: error: --thing-group and --model-version are required", file=sys.stderr)
+        return 2
+    model = args.model or _last_model(args.build_dir)
+    req = DeployRequest(args.thing_group, model, args.model_version, runtime_version=args.runtime_version,
+                        store_url=args.store, endpoint_url=args.endpoint_url, onnxruntime=args.onnxruntime,
+                        run_as=args.run_as)
+    if not args.store:
+        print("edgeloop deploy: note: no --store; devices keep the runtime's store (a local folder) and sync "
+              "nothing to S3", file=sys.stderr)
+    result = deploy(req, session)
+    print(f"deployment {result['deploymentId']} to {result['targetArn']}: runtime {result['runtimeVersion']}, "
+          f"model {model} {args.model_version}")
+    print(f"follow it: edgeloop deploy status --deployment-id {result['deploymentId']}")
+    return 0
+
+
+def _last_model(build_dir: str) -> str:
+    from cloud.components import ComponentError
+
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (Path(build_dir) / "recipes").glob("com.edgeloop.model.*.yaml")
+                   if not p.name.endswith(".published.yaml"))
+    if len(set(names)) != 1:
+        raise ComponentError(f"give --model: {'several' if names else 'no'} model components in {build_dir}")
+    return names[0]
+
+
+def _iam_policy(args) -> int:
+    from cloud.iam import device_policy
+
+    policy = device_policy(args.store, args.artifact_bucket, partition=args.partition, kms_key_arn=args.kms_key,
+                           per_device=not args.all_devices)
+    text = json.dumps(policy, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"policy written to {args.out}", file=sys.stderr)
+    else:
+        print(text)
     return 0
 
 
@@ -103,11 +204,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compile)
 
     comp = sub.add_parser("component", help="Greengrass components").add_subparsers(dest="action", required=True)
-    p = comp.add_parser("build", help="GDK custom build: write greengrass-build/")
+    p = comp.add_parser("build", help="GDK custom build: write greengrass-build/ (downloads wheels, cached)")
     p.add_argument("--out", default="greengrass-build")
     p.add_argument("--bundle", action="append", default=[], help="also build a model component for this bundle")
-    p.add_argument("--store-url", default="s3://edgeloop-fleet", help="where model components sync summaries")
+    p.add_argument("--arch", default=os.environ.get("EDGELOOP_BUILD_ARCH", "x86_64,aarch64"),
+                   help="device architectures (default $EDGELOOP_BUILD_ARCH or x86_64,aarch64)")
+    p.add_argument("--python", default="3.11", help="the devices' CPython (default 3.11: Debian 12, Pi OS)")
+    p.add_argument("--onnxruntime", default="cpu", help="flavours to ship: cpu, or cpu,gpu (adds onnxruntime-gpu)")
+    p.add_argument("--wheel-cache", default=str(Path.home() / ".cache" / "edgeloop" / "wheels"))
     p.set_defaults(func=_component_build)
+    p = comp.add_parser("lock", help="pin the runtime's requirements for the devices (requirements.lock)")
+    p.add_argument("--python", default="3.11")
+    p.add_argument("--glibc", default="2.28", help="the oldest glibc among the devices (default 2.28)")
+    p.add_argument("--arch", default="x86_64,aarch64")
+    p.set_defaults(func=_component_lock)
+    p = comp.add_parser("publish", help="publish the built components (as gdk component publish does)")
+    p.add_argument("--build-dir", default="greengrass-build")
+    p.add_argument("--bucket", help="exactly this bucket (default: gdk-config's bucket-<region>-<account>)")
+    p.add_argument("--region", help="default: gdk-config's publish.region")
+    p.add_argument("--component", action="append", help="only this component (repeatable)")
+    p.add_argument("--wait", type=float, default=120, help="seconds to wait for each to be deployable")
+    p.add_argument("--no-wait", action="store_true")
+    p.set_defaults(func=_component_publish)
+    p = comp.add_parser("local", help="a recipes/artifacts layout for greengrass-cli on one device")
+    p.add_argument("--build-dir", default="greengrass-build")
+    p.add_argument("--out", default="greengrass-local")
+    p.add_argument("--runtime-version", help="the version NEXT_PATCH becomes (default 0.0.1)")
+    p.set_defaults(func=_component_local)
+
+    p = sub.add_parser("deploy", help="deploy the runtime and a model to a thing group; `deploy status`")
+    p.add_argument("action", nargs="?", choices=["status"], help="status: per-device status of a deployment")
+    p.add_argument("--thing-group")
+    p.add_argument("--model-version", help="the model component version to serve")
+    p.add_argument("--model", help="model name or component (default: the one in greengrass-build)")
+    p.add_argument("--runtime-version", help="default: the highest published")
+    p.add_argument("--store", help="s3://bucket/prefix the devices sync to")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for the devices' store")
+    p.add_argument("--onnxruntime", choices=["cpu", "gpu"], help="switch the devices' ONNX Runtime flavour")
+    p.add_argument("--run-as", help="posix user[:group] for the runtime, e.g. ggc_user:video for GPU nodes")
+    p.add_argument("--region")
+    p.add_argument("--deployment-id", help="status: this deployment instead of the group's latest")
+    p.add_argument("--build-dir", default="greengrass-build")
+    p.set_defaults(func=_deploy)
+
+    iam = sub.add_parser("iam", help="AWS IAM").add_subparsers(dest="action", required=True)
+    p = iam.add_parser("policy", help="the policy the devices' token exchange role needs")
+    p.add_argument("--store", required=True, help="s3://bucket/prefix the devices sync to")
+    p.add_argument("--artifact-bucket", required=True, help="the component bucket (see component publish)")
+    p.add_argument("--kms-key", help="the KMS key ARN, with store.sse aws:kms")
+    p.add_argument("--partition", default="aws")
+    p.add_argument("--all-devices", action="store_true", help="do not scope keys to the device's thing name")
+    p.add_argument("--out", help="write it here instead of printing it")
+    p.set_defaults(func=_iam_policy)
 
     p = sub.add_parser("run", help="the device runtime: score records with a bundle")
     add_run_arguments(p)
@@ -137,12 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from edge_runtime.contracts import ContractError
     from edge_runtime.store import StoreError
 
     try:
         return args.func(args)
-    except (ContractError, StoreError, OSError, ValueError) as err:
+    except (ContractError, StoreError, OSError, ValueError, RuntimeError, BotoCoreError, ClientError) as err:
         print(f"edgeloop {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,28 +1,36 @@
 """Building Greengrass components: the GDK custom build.
 
 ``build_components`` writes ``greengrass-build/`` the way GDK expects from a custom build:
-``recipes/recipe.yaml`` and ``artifacts/<component>/<version>/`` for the runtime component, plus,
-for each model bundle given, a model component recipe and its zipped bundle.
+``recipes/recipe.yaml`` and ``artifacts/<component>/<version>/``, where ``<version>`` is
+gdk-config.json's version *as written* (``NEXT_PATCH`` included: publish picks the number). The
+runtime component's artifact is one ZIP per architecture holding the installer, the pinned lock
+and every wheel (``wheels.py``). For each model bundle given it also writes a model component:
+``bundle.zip`` (entries at the top, so the nucleus unzips it to ``<decompressed path>/bundle/``)
+and its recipe from ``recipes/model-component.yaml``.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import re
 import string
+import sys
+import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 import edge_runtime
 from edge_runtime.bundle import load_bundle
+from edge_runtime.contracts import BUNDLE_ARTIFACT, SEMVER, model_component_name
+
+from .wheels import ARCHES, DEFAULT_PYTHON, FLAVOURS, Target, WheelError, download, read_lock, runtime_wheel
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_ARTIFACT = "edgeloop-runtime.zip"
 MAX_RECIPE_BYTES = 16_000  # Greengrass's limit on a recipe
-MODEL_COMPONENT_PREFIX = "com.edgeloop.model."
+DEFAULT_CACHE = Path.home() / ".cache" / "edgeloop" / "wheels"
 
 
 class ComponentError(ValueError):
@@ -32,9 +40,13 @@ class ComponentError(ValueError):
 @dataclass
 class BuiltComponent:
     name: str
-    version: str
+    version: str  # as built: gdk-config's version as written for the runtime ("NEXT_PATCH" too)
     recipe: Path
-    artifacts: list[Path]
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def runtime_artifact_name(arch: str) -> str:
+    return f"edgeloop-runtime-{arch}.zip"
 
 
 def project_root() -> Path:
@@ -62,12 +74,12 @@ def lower_keys(obj):
     return obj
 
 
-def _zip_dir(zf: zipfile.ZipFile, src: Path, arc_root: str) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            info = zipfile.ZipInfo(f"{arc_root}/{path.relative_to(src).as_posix()}", (2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, path.read_bytes())  # fixed timestamps: the same sources give the same zip
+def _zip_entry(zf: zipfile.ZipFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0))  # fixed times: the same inputs give the same zip
+    # wheels are zips already; deflating them again costs time and saves nothing
+    info.compress_type = zipfile.ZIP_STORED if name.endswith(".whl") else zipfile.ZIP_DEFLATED
+    info.external_attr = mode << 16
+    zf.writestr(info, data)
 
 
 def _write_recipe(text: str, path: Path) -> Path:
@@ -79,48 +91,95 @@ def _write_recipe(text: str, path: Path) -> Path:
     return path
 
 
-def build_runtime(out: Path, root: Path = PROJECT_ROOT) -> BuiltComponent:
-    name, gdk = read_gdk_config(root)
-    version = gdk.get("version", "NEXT_PATCH")
-    if version == "NEXT_PATCH":
-        version = edge_runtime.__version__
-    artifact_dir = out / "artifacts" / name / version
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    artifact = artifact_dir / RUNTIME_ARTIFACT
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        _zip_dir(zf, root / "edge_runtime", "edgeloop-runtime/edge_runtime")
-        _zip_dir(zf, root / "components" / "runtime", "edgeloop-runtime")
-    artifact.write_bytes(buf.getvalue())
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def runtime_recipe(root: Path, name: str, version: str, author: str, arches: list[str]) -> str:
+    """recipe.yaml with GDK's placeholders filled and only the built architectures' manifests."""
     text = (root / "recipe.yaml").read_text()
-    declared = (yaml.safe_load(text) or {}).get("ComponentName")
-    if declared not in (name, "{COMPONENT_NAME}"):
-        raise ComponentError(f"recipe.yaml names {declared!r} but gdk-config.json builds {name!r}")
+    recipe = yaml.safe_load(text) or {}
+    if recipe.get("ComponentName") not in (name, "{COMPONENT_NAME}"):
+        raise ComponentError(f"recipe.yaml names {recipe.get('ComponentName')!r} but gdk-config.json builds {name!r}")
+    platforms = {ARCHES[a] for a in arches}
+    manifests = recipe.get("Manifests") or []
+    kept = [m for m in manifests if (m.get("Platform") or {}).get("architecture") in platforms]
+    if not kept:
+        raise ComponentError(f"recipe.yaml has no manifest for {sorted(platforms)}")
+    recipe["Manifests"] = kept
+    text = yaml.safe_dump(recipe, sort_keys=False, width=200)
     for placeholder, value in {"{COMPONENT_NAME}": name, "{COMPONENT_VERSION}": version,
-                               "{COMPONENT_AUTHOR}": gdk.get("author", "edgeloop")}.items():
+                               "{COMPONENT_AUTHOR}": author}.items():
         text = text.replace(placeholder, value)
+    return text
+
+
+def build_runtime(out: Path, root: Path = PROJECT_ROOT, arches: list[str] = tuple(ARCHES),
+                  python: str = DEFAULT_PYTHON, flavours: list[str] = ("cpu",),
+                  cache: Path = DEFAULT_CACHE, progress=_log) -> BuiltComponent:
+    name, gdk = read_gdk_config(root)
+    version = str(gdk.get("version") or "NEXT_PATCH")
+    if version != "NEXT_PATCH" and not re.match(SEMVER, version):
+        raise ComponentError(f"gdk-config.json: version {version!r} is neither NEXT_PATCH nor major.minor.patch")
+    unknown = [f for f in flavours if f not in FLAVOURS]
+    if unknown:
+        raise ComponentError(f"unknown ONNX Runtime flavour {unknown}; choose from {sorted(FLAVOURS)}")
+    lock_path = root / "components" / "runtime" / "requirements.lock"
+    pins, header = read_lock(lock_path)
+    if header.get("python") != python:
+        raise ComponentError(f"{lock_path} pins CPython {header.get('python')}; for {python} run "
+                             f"`edgeloop component lock --python {python}` first")
+    artifact_dir = out / "artifacts" / name / version  # GDK publishes this folder, named as configured
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    installer = (root / "components" / "runtime" / "install.py").read_bytes()
+    artifacts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        own = runtime_wheel(Path(tmp), root / "components" / "runtime" / "requirements.txt")
+        for arch in arches:
+            target = Target(arch, python, header.get("glibc", "2.28"))
+            arch_flavours = [f for f in flavours if FLAVOURS[f] in pins and
+                             not (f == "gpu" and arch != "x86_64")]
+            for f in set(flavours) - set(arch_flavours):
+                progress(f"note: no {FLAVOURS[f]} wheel for {arch}: its devices can only use the CPU flavour")
+            try:
+                wheels = download(pins, target, cache, arch_flavours, progress)
+            except WheelError as err:
+                raise ComponentError(str(err)) from None
+            build = {"runtime_version": edge_runtime.__version__, "python": python, "arch": arch,
+                     "glibc": target.glibc, "flavours": arch_flavours}
+            artifact = artifact_dir / runtime_artifact_name(arch)
+            with zipfile.ZipFile(artifact, "w") as zf:
+                _zip_entry(zf, "install.py", installer)
+                _zip_entry(zf, "requirements.lock", lock_path.read_bytes())
+                _zip_entry(zf, "build.json", json.dumps(build, indent=1).encode())
+                for wheel in [own, *wheels]:
+                    _zip_entry(zf, f"wheels/{wheel.name}", wheel.read_bytes())
+            progress(f"built {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
+            artifacts.append(artifact)
+    text = runtime_recipe(root, name, version, str(gdk.get("author", "edgeloop")), list(arches))
     recipe = _write_recipe(text, out / "recipes" / "recipe.yaml")
-    return BuiltComponent(name, version, recipe, [artifact])
+    return BuiltComponent(name, version, recipe, artifacts)
 
 
-def build_model(bundle_dir: Path, out: Path, runtime: BuiltComponent, store_url: str,
-                root: Path = PROJECT_ROOT, bucket: str = "BUCKET_NAME") -> BuiltComponent:
+def build_model(bundle_dir: Path, out: Path, runtime_name: str, root: Path = PROJECT_ROOT) -> BuiltComponent:
+    """A model component: the bundle as its one artifact, readable by the runtime component's user."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    name = MODEL_COMPONENT_PREFIX + m.name
+    if not re.match(SEMVER, m.version):
+        raise ComponentError(f"model version {m.version!r} is not major.minor.patch, which Greengrass requires")
+    name = model_component_name(m.name)
     artifact_dir = out / "artifacts" / name / m.version
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    artifact = artifact_dir / f"{m.name}-bundle.zip"
+    artifact = artifact_dir / BUNDLE_ARTIFACT
     with zipfile.ZipFile(artifact, "w") as zf:
-        _zip_dir(zf, bundle.root, "bundle")
+        for path in sorted(bundle.root.rglob("*")):
+            if path.is_file():
+                _zip_entry(zf, path.relative_to(bundle.root).as_posix(), path.read_bytes())
     template = string.Template((root / "recipes" / "model-component.yaml").read_text())
     try:
-        text = template.substitute(
-            component_name=name, component_version=m.version, model_name=m.name,
-            model_version=m.version, runtime_name=runtime.name, runtime_version=runtime.version,
-            publisher="edgeloop", store_url=store_url,
-            artifact_uri=f"s3://{bucket}/{name}/{m.version}/{artifact.name}",
-        )
+        text = template.substitute(component_name=name, component_version=m.version, model_name=m.name,
+                                   model_version=m.version, runtime_name=runtime_name, publisher="edgeloop",
+                                   artifact=BUNDLE_ARTIFACT)
     except (KeyError, ValueError) as err:
         raise ComponentError(f"model component template: unknown placeholder {err}") from None
     recipe = _write_recipe(text, out / "recipes" / f"{name}-{m.version}.yaml")
@@ -128,7 +187,7 @@ def build_model(bundle_dir: Path, out: Path, runtime: BuiltComponent, store_url:
 
 
 def build_components(out: str | Path = "greengrass-build", bundles: list[str | Path] = (),
-                     store_url: str = "s3://edgeloop-fleet", root: Path | None = None) -> list[BuiltComponent]:
+                     root: Path | None = None, **runtime_options) -> list[BuiltComponent]:
     out, root = Path(out), root or project_root()
-    runtime = build_runtime(out, root)
-    return [runtime, *(build_model(Path(b), out, runtime, store_url, root) for b in bundles)]
+    runtime = build_runtime(out, root, **runtime_options)
+    return [runtime, *(build_model(Path(b), out, runtime.name, root) for b in bundles)]

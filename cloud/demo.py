@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud import synthetic
-from cloud.components import build_components
+from cloud.components import build_model, project_root, read_gdk_config
 from cloud.drift import Thresholds, fleet_drift, format_table, to_json
 from cloud.registry import register
 from cloud.train import train
@@ -59,10 +59,10 @@ def run_demo(workdir: str | Path = "edgeloop-demo", devices: int = 5, rows: int 
     compiled = compile_bundle(work / "model", work / "bundle")
     echo(f"      parity max abs diff {compiled.max_abs_diff:.2g}; gpu-capable graph: {compiled.manifest.gpu_capable}")
 
-    echo(f"[3/6] build   : Greengrass components -> {work / 'greengrass-build'}")
-    built = build_components(work / "greengrass-build", [work / "bundle"])
-    for c in built:
-        echo(f"      {c.name} {c.version}")
+    echo(f"[3/6] build   : the model's Greengrass component -> {work / 'greengrass-build'}")
+    runtime_name, _ = read_gdk_config(project_root())
+    built = build_model(work / "bundle", work / "greengrass-build", runtime_name, project_root())
+    echo(f"      {built.name} {built.version} (the runtime component: `edgeloop component build`)")
     register(work / "bundle", store)
 
     echo(f"[4/6] devices : {devices} simulated devices x {rows} records, drift on "

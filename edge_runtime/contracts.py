@@ -7,6 +7,7 @@ document whose ``schema_version`` it does not know instead of guessing at its me
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -555,7 +556,6 @@ def _set_dotted(data: dict, dotted: str, value: object) -> None:
 
 def load_json_file(model: type[BaseModel], path: str | Path, missing: str):
     """Read and validate a JSON document; ``missing`` says what its absence means."""
-    import json
 
     path = Path(path)
     try:
@@ -573,7 +573,6 @@ def load_manifest(path: str | Path) -> BundleManifest:
 
 def load_summary(data: bytes | str, source: str) -> WindowSummary:
     """A window summary of any version: binary (3) or JSON (1, 2)."""
-    import json
 
     if isinstance(data, bytes) and data[:4] == b"ELWS":
         from .summary_format import decode
@@ -642,3 +641,68 @@ def baseline_key(model: str, version: str) -> str:
 
 def model_key(model: str, version: str, filename: str) -> str:
     return f"models/model={model}/version={version}/{filename}"
+
+
+# --- Greengrass: the runtime component's configuration ---------------------------------------
+# The runtime component serves one model component, named in its configuration under ``model``;
+# ``edgeloop deploy`` writes that mapping, the runtime reads it (and follows it live) over IPC.
+# A model component is data only: one artifact, ``bundle.zip``, whose entries sit at the top, so
+# the nucleus unzips it into ``<decompressed path>/bundle/``.
+
+MODEL_COMPONENT_PREFIX = "com.edgeloop.model."
+BUNDLE_ARTIFACT = "bundle.zip"
+GREENGRASS_ROOT_ENV = "EDGELOOP_GREENGRASS_ROOT"  # set by the recipe to {kernel:rootPath}
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+
+
+class ModelComponentRef(_Strict):
+    component: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="the model component's name")
+    version: str = Field(pattern=SEMVER, description="the model component's version, exactly")
+
+
+def model_component_name(model_name: str) -> str:
+    return MODEL_COMPONENT_PREFIX + model_name
+
+
+def model_bundle_dir(greengrass_root: str | Path, ref: ModelComponentRef) -> Path:
+    """Where the nucleus unzipped a model component's bundle (``{artifacts:decompressedPath}/bundle``)."""
+    return (Path(greengrass_root) / "packages" / "artifacts-unarchived" / ref.component / ref.version
+            / BUNDLE_ARTIFACT.removesuffix(".zip"))
+
+
+def runtime_settings(component_config: object, greengrass_root: str | None) -> dict:
+    """The runtime configuration mapping in a runtime component's configuration: its ``runtime``
+    mapping, with ``bundle`` pointing at the unzipped artifact of the model component it names."""
+    if not isinstance(component_config, dict):
+        raise ContractError("component configuration: expected a mapping")
+    _check_interpolated(component_config.get("accessControl"))
+    runtime = component_config.get("runtime") or {}
+    if not isinstance(runtime, dict):
+        raise ContractError("component configuration: 'runtime' must be a mapping")
+    runtime = dict(runtime)
+    model = component_config.get("model")
+    if model in (None, {}, ""):
+        return runtime
+    ref = parse_document(ModelComponentRef, model, "component configuration 'model'")
+    if not greengrass_root:
+        raise ContractError(f"component configuration names model {ref.component} {ref.version}, but "
+                            f"{GREENGRASS_ROOT_ENV} is not set (the recipe sets it to {{kernel:rootPath}})")
+    path = model_bundle_dir(greengrass_root, ref)
+    if not path.is_dir():
+        raise ContractError(
+            f"model component {ref.component} {ref.version} is not on this device (no {path}); "
+            "deploy it together with the runtime, e.g. `edgeloop deploy --model-version "
+            f"{ref.version}`")
+    runtime["bundle"] = str(path)
+    return runtime
+
+
+def _check_interpolated(access_control: object) -> None:
+    """Least-privilege policies name ``{iot:thingName}``; a nucleus that does not interpolate
+    component configuration leaves it literal, and every IPC call would then be refused."""
+
+    if access_control is not None and "{iot:thingName}" in json.dumps(access_control):
+        raise ContractError(
+            "the component's accessControl still reads {iot:thingName}: this nucleus does not interpolate "
+            "component configuration. Set interpolateComponentConfiguration: true in the "
+            "aws.greengrass.Nucleus configuration (v2.6.0 or later) and deploy again")

@@ -11,7 +11,7 @@ Detected from the nucleus's environment (the IPC socket path and the component's
   callbacks on one worker thread, so records arrive in order.
 * ``IpcPublisher``: outlier events and heartbeats to AWS IoT Core (``PublishToIoTCore``, QoS 1)
   from the bounded ``EventQueue``.
-* ``ConfigFollower``: the component's ``runtime`` configuration followed live
+* ``ConfigFollower``: the component's configuration followed live
   (``SubscribeToConfigurationUpdate``), subscribed again after each reconnect.
 * ``component_configuration`` and ``report_state`` (``UpdateState``).
 """
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .contracts import PublishConfig, SourceConfig
+from .contracts import GREENGRASS_ROOT_ENV, PublishConfig, SourceConfig, runtime_settings
 from .publish import Publisher
 from .sources import Emit, message_payload
 
@@ -39,7 +39,6 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 CALL_TIMEOUT_S = 10.0
 MAX_PUBLISH_TRIES = 5  # a refused event (not a lost connection) is dropped, counted, after this many
-CONFIG_KEY = "runtime"  # the component configuration key that holds runtime settings
 
 
 def under_greengrass() -> bool:
@@ -104,14 +103,15 @@ class NucleusLink:
 
 
 def component_configuration(link: NucleusLink) -> dict:
-    """The ``runtime`` mapping of this component's configuration ({} if there is none)."""
+    """The runtime configuration mapping in this component's configuration: its ``runtime``
+    mapping, with ``bundle`` set from the model component it names (``contracts.runtime_settings``)."""
     try:
-        value = link.call(lambda c: c.get_configuration_async(key_path=[CONFIG_KEY])).value
+        value = link.call(lambda c: c.get_configuration_async(key_path=[])).value
     except Exception as err:
         if type(err).__name__ == "ResourceNotFoundError":
             return {}
         raise
-    return value if isinstance(value, dict) else {}
+    return runtime_settings(value if isinstance(value, dict) else {}, os.environ.get(GREENGRASS_ROOT_ENV))
 
 
 def report_state(link: NucleusLink, state: str) -> None:
@@ -278,7 +278,8 @@ class IpcSource(_Streams):
 
 
 class ConfigFollower(_Streams):
-    """Calls ``on_change`` when the component's ``runtime`` configuration changes, across reconnects."""
+    """Calls ``on_change`` when the component's configuration (``runtime`` or ``model``) changes,
+    across reconnects."""
 
     name = "configuration"
 
@@ -294,7 +295,7 @@ class ConfigFollower(_Streams):
                 self.on_change()
 
         _, op = self.link.call(lambda c: c.subscribe_to_configuration_update_async(
-            key_path=[CONFIG_KEY], on_stream_event=changed, on_stream_error=self._error_cb(round_),
+            key_path=[], on_stream_event=changed, on_stream_error=self._error_cb(round_),
             on_stream_closed=self._closed_cb(round_)))
         if not self._first:  # it may have changed while we were away
             self.on_change()
