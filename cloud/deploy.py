@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from edge_runtime.contracts import MODEL_COMPONENT_PREFIX, ModelComponentRef, parse_document
 
 from .components import ComponentError
-from .publish import account_of, component_arn, highest_version, version_exists
+from .publish import account_of, component_arn, component_state, highest_version
 
 
 @dataclass
@@ -118,8 +118,12 @@ def deploy(req: DeployRequest, session) -> dict:
     if not runtime_version:
         raise ComponentError(f"{req.runtime} is not published in {region}: run `edgeloop component publish`")
     for name, version in ((req.runtime, runtime_version), (model_component(req.model), req.model_version)):
-        if not version_exists(gg, component_arn(partition, region, account, name, version)):
+        state = component_state(gg, component_arn(partition, region, account, name, version))
+        if state is None:
             raise ComponentError(f"{name} {version} is not published in {region}: run `edgeloop component publish`")
+        if state != "DEPLOYABLE":
+            raise ComponentError(f"{name} {version} is {state} in {region}, not DEPLOYABLE: see "
+                                 "`aws greengrassv2 describe-component`, fix it and publish a new version")
     target = thing_group_arn(partition, region, account, req.thing_group)
     created = gg.create_deployment(**deployment_request(req, target, runtime_version))
     return {"deploymentId": created["deploymentId"], "iotJobId": created.get("iotJobId"),

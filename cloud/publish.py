@@ -76,12 +76,16 @@ def highest_version(gg, arn: str) -> str | None:
     return max(versions, key=semver_key) if versions else None
 
 
-def version_exists(gg, arn: str) -> bool:
+def component_state(gg, arn: str) -> str | None:
+    """The version's state (REQUESTED, INITIATED, DEPLOYABLE, FAILED, DEPRECATED), None if there is none."""
     try:
-        gg.describe_component(arn=arn)
+        return gg.describe_component(arn=arn).get("status", {}).get("componentState") or "UNKNOWN"
     except gg.exceptions.ResourceNotFoundException:
-        return False
-    return True
+        return None
+
+
+def version_exists(gg, arn: str) -> bool:
+    return component_state(gg, arn) is not None
 
 
 def bucket_name(bucket: str | None, gdk_publish: dict, region: str, account: str) -> str:
@@ -187,7 +191,12 @@ def publish(build_dir: str | Path = "greengrass-build", root: Path | None = None
     account = account_of(session)
     partition = session.get_partition_for_region(region)
     bucket = bucket_name(bucket, gdk_publish, region, account)
-    components = [c for c in built_components(build_dir, root) if not only or c.name in only]
+    built = built_components(build_dir, root)
+    unknown = sorted(set(only or ()) - {c.name for c in built})
+    if unknown:
+        raise ComponentError(f"not built in {build_dir}: {', '.join(unknown)} (built: "
+                             f"{', '.join(c.name for c in built)})")
+    components = [c for c in built if not only or c.name in only]
 
     plan = []  # decide every version, and refuse, before any upload
     for c in components:

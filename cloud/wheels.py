@@ -132,6 +132,9 @@ def download(pins: dict[str, str], target: Target, cache: Path, flavours: list[s
             raise WheelError(f"the lock has no {FLAVOURS[f]} pin for {target.arch}")
     folder = cache / f"cp{target.python.replace('.', '')}-{target.arch}-glibc{target.glibc}"
     folder.mkdir(parents=True, exist_ok=True)
+    found = _cached(wanted, folder)
+    if found is not None:
+        return found
     progress(f"wheels for CPython {target.python} on {target.arch}: {len(wanted)} packages -> {folder}")
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
         f.write("\n".join(wanted) + "\n")
@@ -140,13 +143,21 @@ def download(pins: dict[str, str], target: Target, cache: Path, flavours: list[s
             _pip(["download", "--quiet", "--no-deps", "--dest", str(folder), *target.pip_args(), "-r", f.name])
         except WheelError as err:
             raise WheelError(f"{err}\n(the lock may not fit {target.arch}: run `edgeloop component lock`)") from None
+    found = _cached(wanted, folder)
+    if found is None:
+        raise WheelError(f"pip downloaded, but not every wheel of the lock for {target.arch} is in {folder}")
+    return found
+
+
+def _cached(pins: list[str], folder: Path) -> list[Path] | None:
+    """The wheel of every pin in ``folder``, or None if one is missing (a rebuild needs no network)."""
     found = []
-    for line in wanted:
+    for line in pins:
         name, version = line.split("==", 1)
-        prefix = f"{normalise(name).replace('-', '_')}-{version}-"
-        match = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(prefix.lower()))
+        prefix = f"{normalise(name).replace('-', '_')}-{version}-".lower()
+        match = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(prefix))
         if not match:
-            raise WheelError(f"no wheel of {line} for {target.arch} in {folder}")
+            return None
         found.append(match[-1])
     return found
 

@@ -26,6 +26,9 @@ CONNECTION_ACCEPTED, TERMINATE_STREAM = 0x1, 0x2
 NS = "aws.greengrass#"
 _STREAM_EVENT = {"SubscribeToTopic": "local", "SubscribeToIoTCore": "iot_core",
                  "SubscribeToConfigurationUpdate": "configuration"}
+_AUTHORIZED_BY = {"SubscribeToTopic": "aws.greengrass.ipc.pubsub", "PublishToTopic": "aws.greengrass.ipc.pubsub",
+                  "SubscribeToIoTCore": "aws.greengrass.ipc.mqttproxy",
+                  "PublishToIoTCore": "aws.greengrass.ipc.mqttproxy"}
 
 
 def encode_message(headers: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -135,6 +138,9 @@ class Nucleus:
         self.configuration: dict = dict(configuration or {})
         self.component = component
         self.fail_publish = False
+        # the component's accessControl, as the nucleus enforces it; None: allow everything
+        self.access_control: dict | None = None
+        self.denied: list[tuple[str, str]] = []
         self.iot_core_published: list[dict] = []
         self.local_published: list[dict] = []
         self.states: list[str] = []
@@ -205,13 +211,14 @@ class Nucleus:
         event = {"configurationUpdateEvent": {"componentName": self.component, "keyPath": []}}
         self._push("configuration", None, "ConfigurationUpdateEvents", event)
 
+    def subscribed(self, kind: str, topic: str | None = None) -> bool:
+        """Whether a client holds a subscription of this kind (and topic, if given)."""
+        return any(k == kind and (topic is None or t == topic) for k, t, _, _ in list(self._streams))
+
     def wait_subscribed(self, kind: str, topic: str | None = None, timeout: float = 5) -> None:
         """Block until a client holds a subscription of this kind (and topic, if given)."""
-        def found() -> bool:
-            return any(k == kind and (topic is None or t == topic) for k, t, _, _ in self._streams)
-
         with self._lock:
-            if not self._lock.wait_for(found, timeout):
+            if not self._lock.wait_for(lambda: self.subscribed(kind, topic), timeout):
                 raise TimeoutError(f"no {kind} subscription for {topic!r}")
 
     # internals
@@ -282,9 +289,25 @@ class Nucleus:
                 self._streams = [s for s in self._streams if s[2] is not conn]
             conn.close()
 
+    def allowed(self, op: str, topic: str) -> bool:
+        """Whether ``access_control`` lets the component do ``op`` on ``topic`` (exact, ``*``, or MQTT wildcards)."""
+        policies = (self.access_control or {}).get(_AUTHORIZED_BY[op], {}) or {}
+        for policy in policies.values():
+            ops = policy.get("operations") or []
+            if NS + op in ops or "*" in ops:
+                for resource in policy.get("resources") or []:
+                    if resource in ("*", topic) or topic_matches(resource, topic):
+                        return True
+        return False
+
     def _operation(self, conn: _Conn, sid: int, operation: str, req: dict) -> None:
         op = operation.removeprefix(NS)
         response: dict = {}
+        topic = req.get("topic") or req.get("topicName") or ""
+        if self.access_control is not None and op in _AUTHORIZED_BY and not self.allowed(op, topic):
+            self.denied.append((op, topic))
+            return conn.send(_app_headers(sid, NS + "UnauthorizedError", TERMINATE_STREAM, APPLICATION_ERROR),
+                             json.dumps({"message": f"not authorized: {op} on {topic}"}).encode())
         if op == "PublishToIoTCore":
             if self.fail_publish:
                 return conn.send(_app_headers(sid, NS + "ServiceError", TERMINATE_STREAM, APPLICATION_ERROR),
