@@ -157,6 +157,13 @@ def load_fleet(store: ObjectStore) -> tuple[dict[tuple[str, str], dict[str, list
         except ContractError as err:
             warnings.append(f"unreadable summary skipped: {err}")
             continue
+        claimed = f"/model={s.model_name}/version={s.model_version}/device={s.device_id}/"
+        if claimed not in "/" + key:
+            # the key is what the device's IAM policy scopes (device=<thing name>); a summary that
+            # names another device or model than its key is not counted for either
+            warnings.append(f"summary skipped: {key} holds {s.model_name} {s.model_version} of device "
+                            f"{s.device_id!r}, which its key does not name")
+            continue
         if s.records_digest is not None:
             if s.identity in seen:
                 warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")

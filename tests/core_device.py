@@ -43,6 +43,11 @@ _CROSS = re.compile(r"\{([.\w-]+):([.\w-]+):([^:}]*)\}")
 _SAME = re.compile(r"\{([.\w-]+):([^:}]*)\}")
 
 
+def can_unshare_net() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
 def merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -232,10 +237,15 @@ class CoreDevice:
         c = self.components[name]
         self._prepare_work(c)
         cmd = self._as_user(["sh", "-c", self.script(c, "Install") or "true"])
-        if not network:  # a network namespace of its own, made as root before dropping to the user
-            cmd = [shutil.which("unshare") or "unshare", "--net", *cmd]
-        return subprocess.run(cmd, cwd=self.work(c), env=self.environment(c), capture_output=True, text=True,
-                              timeout=timeout)
+        env = self.environment(c)
+        if not network:
+            if can_unshare_net():  # a network namespace of its own, made as root before dropping to the user
+                cmd = ["unshare", "--net", *cmd]
+            else:  # a container that forbids namespaces: every way out points at a closed port
+                dead = "http://127.0.0.1:9"
+                env.update(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead,
+                           PIP_INDEX_URL=dead + "/simple")
+        return subprocess.run(cmd, cwd=self.work(c), env=env, capture_output=True, text=True, timeout=timeout)
 
     def start(self, name: str, stdout=None) -> subprocess.Popen:
         c = self.components[name]

@@ -68,3 +68,21 @@ def test_a_device_with_foreign_bin_edges_is_skipped_with_a_warning(tmp_path):
     (report,), warnings = fleet_drift(store)
     assert [d.device_id for d in report.devices] == ["d1"]
     assert len(warnings) == 1 and "d2" in warnings[0] and "edges" in warnings[0]
+
+
+def test_a_summary_under_another_devices_key_is_not_counted(tmp_path):
+    """The store's IAM policy scopes a device's writes to keys with its own name; the review trusts
+    the key, so a device cannot speak for another by naming it inside the summary."""
+    from cloud.drift import fleet_drift
+    from edge_runtime.contracts import baseline_key, summary_key
+    from edge_runtime.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    store.put(baseline_key("m", "1.0.0"), window("training", BASE, 0).model_dump_json().encode())
+    honest = window("d1", np.random.default_rng(4).normal(0, 1, 500), 1)
+    forged = window("d1", np.random.default_rng(5).normal(3, 1, 500), 2)  # claims d1, written by d2
+    store.put(summary_key("m", "1.0.0", "d1", honest.window_start), honest.model_dump_json().encode())
+    store.put(summary_key("m", "1.0.0", "d2", forged.window_start), forged.model_dump_json().encode())
+    (report,), warnings = fleet_drift(store)
+    assert [(d.device_id, d.windows) for d in report.devices] == [("d1", 1)]
+    assert len(warnings) == 1 and "device=d2" in warnings[0] and "'d1'" in warnings[0]
