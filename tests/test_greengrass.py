@@ -188,3 +188,32 @@ def test_records_arrive_in_order_and_configuration_is_followed_after_a_nucleus_r
         wait_for(lambda: svc.runtime.config.window.seconds == 120)
     ids = [e["id"] for e in read_jsonl(tmp_path / "events.jsonl") if e["kind"] == "outlier"]
     assert ids == [f"g{100 + i}" for i in range(100)]  # one callback thread: in the order sent
+
+
+def test_the_model_component_named_in_the_configuration_is_the_bundle(nucleus, bundle_dir, tmp_path, monkeypatch):
+    """The runtime component serves the model component its configuration names, from where the
+    nucleus unzipped it; a model that is not on the device, or a nucleus that left {iot:thingName}
+    uninterpolated in the access policy, is a clear error rather than a bundle that is not there."""
+    root = tmp_path / "greengrass"
+    unzipped = root / "packages" / "artifacts-unarchived" / "com.edgeloop.model.m" / "1.2.0" / "bundle"
+    shutil.copytree(bundle_dir, unzipped)
+    monkeypatch.setenv("EDGELOOP_GREENGRASS_ROOT", str(root))
+    link = NucleusLink()
+    nucleus.set_configuration({"model": {"component": "com.edgeloop.model.m", "version": "1.2.0"},
+                               "runtime": {"window": {"seconds": 60}}, "onnxruntime": "cpu"})
+    assert component_configuration(link) == {"window": {"seconds": 60}, "bundle": str(unzipped)}
+    nucleus.set_configuration({"model": {"component": "com.edgeloop.model.m", "version": "1.3.0"}})
+    with pytest.raises(ContractError, match="com.edgeloop.model.m 1.3.0 is not on this device"):
+        component_configuration(link)
+    nucleus.set_configuration({"model": {"component": "com.edgeloop.model.m", "version": "latest"}})
+    with pytest.raises(ContractError, match="version"):
+        component_configuration(link)
+    nucleus.set_configuration({"model": {}, "accessControl": {"aws.greengrass.ipc.pubsub": {"p": {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["edgeloop/{iot:thingName}/records"]}}}})
+    with pytest.raises(ContractError, match="interpolateComponentConfiguration: true"):
+        component_configuration(link)
+    monkeypatch.delenv("EDGELOOP_GREENGRASS_ROOT")
+    nucleus.set_configuration({"model": {"component": "com.edgeloop.model.m", "version": "1.2.0"}})
+    with pytest.raises(ContractError, match="EDGELOOP_GREENGRASS_ROOT is not set"):
+        component_configuration(link)
+    link.close()
