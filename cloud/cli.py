@@ -285,13 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
     from edge_runtime.contracts import ContractError
     from edge_runtime.store import StoreError
 
     try:
         return args.func(args)
+    except (NoCredentialsError, NoRegionError) as err:
+        print(f"edgeloop {args.command}: error: {err}: set up AWS credentials and a region (aws configure, "
+              "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, --region)", file=sys.stderr)
+        return 2
     except (ContractError, StoreError, OSError, ValueError, RuntimeError, BotoCoreError, ClientError) as err:
         print(f"edgeloop {args.command}: error: {err}", file=sys.stderr)
         return 2
