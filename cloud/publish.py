@@ -227,9 +227,9 @@ def publish(build_dir: str | Path = "greengrass-build", root: Path | None = None
         path.write_text(text)
         progress(f"published {c.name} {version}")
         done.append(Published(c.name, version, arn, uris, path))
-    record = {"region": region, "account": account, "bucket": bucket,
-              "components": {p.name: p.version for p in done}}
-    (build_dir / PUBLISHED_FILE).write_text(json.dumps(record, indent=1))
+        record = {"region": region, "account": account, "bucket": bucket,
+                  "components": {p.name: p.version for p in done}}
+        (build_dir / PUBLISHED_FILE).write_text(json.dumps(record, indent=1))  # kept if a later one fails
     return done
 
 
