@@ -63,7 +63,7 @@ def main() -> None:
         first = timed(install, env)
         again = statistics.median(timed(install, env) for _ in range(args.repeat))
         reinstalls = []
-        for i in range(max(1, args.repeat // 2)):
+        for _ in range(max(1, args.repeat // 2)):
             (venv / ".edgeloop-install.json").write_text("{}")  # as if the lock had changed
             reinstalls.append(timed(install, env))
         size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
