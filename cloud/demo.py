@@ -24,6 +24,7 @@ from edge_runtime.service import run_file
 from edge_runtime.store import LocalStore
 from model_compile.compile import compile_bundle
 
+ANOMALY_RATE = 0.005  # injected anomalies: a rate the fleet review reads as normal beside the 1% calibrated
 DRIFTS = {1: synthetic.Drift("temperature", 1.5), 3: synthetic.Drift("vibration", 1.5)}
 
 
@@ -72,7 +73,8 @@ def run_demo(workdir: str | Path = "edgeloop-demo", devices: int = 5, rows: int 
     provider = ""
     for i in range(devices):
         device_id = f"dev-{i + 1:02d}"
-        stream = synthetic.device_stream(device_id, rows, seed=seed * 100 + i, drift=DRIFTS.get(i))
+        stream = synthetic.device_stream(device_id, rows, seed=seed * 100 + i, drift=DRIFTS.get(i),
+                                         anomaly_rate=ANOMALY_RATE)
         device_dir = work / "devices" / device_id
         source = synthetic.write_jsonl(stream, device_dir / "input.jsonl", bad_lines=bad_lines, seed=i)
         for old in ("events.jsonl", "dead-letter.jsonl"):
@@ -94,7 +96,7 @@ def run_demo(workdir: str | Path = "edgeloop-demo", devices: int = 5, rows: int 
 
     echo("[5/6] fleet   : merge summaries, compare with the baseline")
     thresholds = Thresholds()
-    reports, warnings = fleet_drift(store, thresholds=thresholds)
+    reports, warnings = fleet_drift(store, thresholds=thresholds, cycle_s=synthetic.CYCLE_S)
     for w in warnings:
         echo(f"      warning: {w}")
     drift_json = work / "drift.json"

@@ -1,45 +1,72 @@
-"""Fleet drift: merge every device's window summaries and compare them with the baseline.
+"""Fleet drift review: stream the fleet's window summaries, compare each device with the baseline,
+and give verdicts that hold in both directions.
 
-Two distances per feature, both computed from the summaries alone:
+How a verdict is reached (``Thresholds`` holds every number):
 
-* PSI on the baseline's histogram bins (quantile bins of the training data);
-* the Kolmogorov-Smirnov distance between the baseline's and the device's KLL sketches,
-  evaluated at the union of both sketches' quantiles.
+* **What is compared.** The windows inside the review's time range (default: the last day of
+  data), per device, rolled into ``drift_stats.Profile``s without holding any summary. If the
+  baseline has a cycle (a daily one, say), only whole cycles are compared: a device with less
+  than one cycle of data in range gets no distribution verdict (``short``), since half a day is
+  not a day.
+* **Distribution drift** per feature and for the outlier score: the two-sample KS test on the
+  sketch-error-adjusted distance, its p-values corrected for testing every feature of every device
+  at once (Benjamini-Hochberg, false discovery rate ``alpha``), and an effect-size gate so a huge
+  sample never flags a trivial change: ``drift`` needs q < alpha and adjusted KS >= ``drift_ks``,
+  ``warn`` q < alpha and >= ``warn_ks``. PSI, Jensen-Shannon, normalised Wasserstein and Model
+  Monitor's robust L-infinity distance are reported beside it.
+* **Data quality**: the rejected share of records, and per feature the missing, non-finite and
+  out-of-range shares, against the baseline's; **the outlier rate** against the rate the threshold
+  was calibrated for. Each is a one-sided binomial test (in the same correction) with an effect
+  gate; a flagged data-quality check makes the device ``data-quality``, a flagged outlier rate
+  counts as drift.
+* Fewer than ``min_count`` values: no verdict (``too-few``).
 
-A feature is ``drift`` when either distance crosses its drift threshold, ``warn`` when either
-crosses its warning threshold, and ``too-few`` when the device has too few rows to judge.
+The same store gives the same numbers (no sketch is merged), and more data never makes a verdict
+milder for the same effect.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from edge_runtime.bundle import MANIFEST_FILE
 from edge_runtime.contracts import (
     SUMMARY_PREFIX,
     SUMMARY_SUFFIX,
     ContractError,
-    NumericSummary,
     WindowSummary,
     baseline_key,
     load_summary,
+    model_key,
 )
 from edge_runtime.store import ObjectNotFound, ObjectStore
-from edge_runtime.summary import decode_sketch, merge_summaries
+
+from . import drift_stats as st
 
 SCORE_ROW = "(outlier score)"
-PSI_EPS = 1e-4
+SEVERITY = {"drift": 4, "data-quality": 3, "warn": 2, "ok": 1, "short": 0, "too-few": 0}
+KEY_RE = re.compile(r"model=(?P<model>[^/]+)/version=(?P<version>[^/]+)/device=(?P<device>[^/]+)/"
+                    r"date=[^/]+/(?P<stamp>\d{8}T\d{6}Z)")
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    psi_warn: float = 0.1
-    psi_drift: float = 0.25
-    ks_warn: float = 0.1
-    ks_drift: float = 0.2
-    min_count: int = 100
+    alpha: float = 0.01  # false discovery rate over every test of a review
+    drift_ks: float = 0.05  # adjusted KS distance for drift (a 0.13 SD mean shift, a x1.2 spread)
+    warn_ks: float = 0.025
+    min_count: int = 50  # values of a feature below which it gets no verdict
+    quality_rate: float = 0.02  # data-quality shares must exceed the baseline's by this much
+    outlier_factor: float = 2.0  # outlier rate at least this times the calibrated one ...
+    outlier_excess: float = 0.005  # ... and this much above it
+    ks_alpha: float = 0.05  # the level of Model Monitor's robust L-infinity distance (reported)
 
 
 @dataclass
@@ -48,9 +75,33 @@ class FeatureDrift:
     count: int
     mean: float | None
     baseline_mean: float | None
-    psi: float | None
-    ks: float | None
-    verdict: str
+    ks: float | None = None
+    ks_adjusted: float | None = None
+    robust_linf: float | None = None
+    psi: float | None = None
+    js: float | None = None
+    wasserstein: float | None = None
+    pvalue: float | None = None
+    qvalue: float | None = None
+    missing_rate: float = 0.0
+    nonfinite_rate: float = 0.0
+    out_of_range_rate: float = 0.0
+    verdict: str = "too-few"
+
+
+@dataclass
+class Check:
+    """A rate judged against what it should be: rejected records, missing values, outliers, ..."""
+
+    name: str
+    kind: str  # data-quality | outliers
+    count: int
+    total: int
+    rate: float
+    expected: float
+    pvalue: float
+    qvalue: float | None = None
+    verdict: str = "ok"
 
 
 @dataclass
@@ -61,116 +112,68 @@ class DeviceDrift:
     rejected: int
     outliers: int
     outlier_rate: float
-    verdict: str
-    drifted_features: list[str]
+    first: datetime | None = None
+    last: datetime | None = None
+    verdict: str = "too-few"
+    reasons: list[str] = field(default_factory=list)
+    drifted_features: list[str] = field(default_factory=list)
     features: list[FeatureDrift] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    health: dict = field(default_factory=dict)  # from the newest window: spool, uploads, lines lost, ...
+
+    @property
+    def worst_ks(self) -> float:
+        return max((f.ks_adjusted or 0.0 for f in self.features), default=0.0)
 
 
 @dataclass
 class ModelDrift:
     model_name: str
     model_version: str
+    since: datetime | None
+    until: datetime | None
     devices: list[DeviceDrift]
+    fleet: DeviceDrift | None = None
     expected_outlier_rate: float | None = None
+    cycle_s: int | None = None
+    # for plots: the fleet per hour (records, rejected, outliers, each feature's mean), and each
+    # feature's baseline and fleet CDF at up to 64 points
+    timeline: list[dict] = field(default_factory=list)
+    distributions: dict[str, dict] = field(default_factory=dict)
 
     @property
     def drifted_devices(self) -> list[str]:
-        return [d.device_id for d in self.devices if d.verdict == "drift"]
+        return sorted(d.device_id for d in self.devices if d.verdict == "drift")
 
 
-def psi(baseline: NumericSummary, current: NumericSummary) -> float:
-    """Population stability index on the baseline's bins."""
-    if baseline.hist_edges != current.hist_edges:
-        raise ValueError("histogram edges differ from the baseline's (a bundle from another training run?)")
-    p = np.asarray(baseline.hist_counts, dtype=np.float64)
-    q = np.asarray(current.hist_counts, dtype=np.float64)
-    if p.sum() == 0 or q.sum() == 0:
-        raise ValueError("PSI of an empty histogram")
-    p = np.clip(p / p.sum(), PSI_EPS, None)
-    q = np.clip(q / q.sum(), PSI_EPS, None)
-    return float(np.sum((q - p) * np.log(q / p)))
+@dataclass
+class _Device:
+    """What the review keeps of a device while it streams: profiles per cycle bucket, counts."""
+
+    device_id: str
+    buckets: dict[int, dict[str, st.Profile]] = field(default_factory=dict)
+    windows: int = 0
+    records: int = 0
+    rejected: int = 0
+    outliers: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    health: dict = field(default_factory=dict)
 
 
-def ks_distance(baseline: NumericSummary, current: NumericSummary, points: int = 256) -> float:
-    """Largest gap between the two CDFs, read off the KLL sketches."""
-    a, b = decode_sketch(baseline), decode_sketch(current)
-    if a.is_empty() or b.is_empty():
-        raise ValueError("KS distance of an empty sketch")
-    ranks = np.linspace(0, 1, points)
-    grid = np.unique(np.concatenate([a.get_quantiles(ranks), b.get_quantiles(ranks)]))
-    return float(np.max(np.abs(np.asarray(a.get_cdf(grid)) - np.asarray(b.get_cdf(grid)))))
+# --- reading the store -----------------------------------------------------------------------
 
 
-def judge(name: str, baseline: NumericSummary, current: NumericSummary, t: Thresholds) -> FeatureDrift:
-    if current.count < t.min_count:
-        return FeatureDrift(name, current.count, current.mean, baseline.mean, None, None, "too-few")
-    p, k = psi(baseline, current), ks_distance(baseline, current)
-    if p >= t.psi_drift or k >= t.ks_drift:
-        verdict = "drift"
-    elif p >= t.psi_warn or k >= t.ks_warn:
-        verdict = "warn"
-    else:
-        verdict = "ok"
-    return FeatureDrift(name, current.count, current.mean, baseline.mean, p, k, verdict)
-
-
-def merge_windows(windows: list[WindowSummary]) -> WindowSummary:
-    """All of one device's windows as one summary spanning them."""
-    first = windows[0]
-    return WindowSummary(
-        model_name=first.model_name, model_version=first.model_version, device_id=first.device_id,
-        window_start=min(w.window_start for w in windows), window_end=max(w.window_end for w in windows),
-        records=sum(w.records for w in windows), rejected=sum(w.rejected for w in windows),
-        late=sum(w.late for w in windows), outliers=sum(w.outliers for w in windows),
-        features={n: merge_summaries([w.features[n] for w in windows]) for n in first.features},
-        score=merge_summaries([w.score for w in windows]),
-    )
-
-
-def assess_device(baseline: WindowSummary, windows: list[WindowSummary], t: Thresholds) -> DeviceDrift:
-    merged = merge_windows(windows)
-    rows = [judge(n, baseline.features[n], merged.features[n], t) for n in baseline.features]
-    drifted = [r.feature for r in rows if r.verdict == "drift"]
-    verdicts = {r.verdict for r in rows}
-    verdict = "drift" if drifted else "warn" if "warn" in verdicts else "too-few" if verdicts == {"too-few"} else "ok"
-    rows.append(judge(SCORE_ROW, baseline.score, merged.score, t))
-    return DeviceDrift(
-        device_id=merged.device_id, windows=len(windows), records=merged.records,
-        rejected=merged.rejected, outliers=merged.outliers,
-        outlier_rate=merged.outliers / merged.records if merged.records else 0.0,
-        verdict=verdict, drifted_features=drifted, features=rows,
-    )
-
-
-def load_fleet(store: ObjectStore) -> tuple[dict[tuple[str, str], dict[str, list[WindowSummary]]], list[str]]:
-    """Every summary in the store (all parts of every window, any version), grouped by (model,
-    version) then device; plus warnings: unreadable keys, and replays skipped. A part whose digest
-    and counts repeat another part of the same window is the same input fed twice: counted once."""
-    fleet: dict[tuple[str, str], dict[str, list[WindowSummary]]] = defaultdict(lambda: defaultdict(list))
-    warnings: list[str] = []
-    seen: dict[tuple, str] = {}
+def list_summaries(store: ObjectStore) -> dict[tuple[str, str], dict[str, list[tuple[datetime, str]]]]:
+    """Every summary key, by (model, version) then device, with its window start (from the key)."""
+    found: dict = defaultdict(lambda: defaultdict(list))
     for key in store.list(SUMMARY_PREFIX):
-        if not key.endswith((".json", SUMMARY_SUFFIX)):
+        m = KEY_RE.search(key)
+        if not m or not key.endswith((".json", SUMMARY_SUFFIX)):
             continue
-        try:
-            s = load_summary(store.get(key), key)
-        except ContractError as err:
-            warnings.append(f"unreadable summary skipped: {err}")
-            continue
-        claimed = f"/model={s.model_name}/version={s.model_version}/device={s.device_id}/"
-        if claimed not in "/" + key:
-            # the key is what the device's IAM policy scopes (device=<thing name>); a summary that
-            # names another device or model than its key is not counted for either
-            warnings.append(f"summary skipped: {key} holds {s.model_name} {s.model_version} of device "
-                            f"{s.device_id!r}, which its key does not name")
-            continue
-        if s.records_digest is not None:
-            if s.identity in seen:
-                warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")
-                continue
-            seen[s.identity] = key
-        fleet[(s.model_name, s.model_version)][s.device_id].append(s)
-    return fleet, warnings
+        start = datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        found[(m["model"], m["version"])][m["device"]].append((start, key))
+    return found
 
 
 def load_baseline(store: ObjectStore, model: str, version: str) -> WindowSummary | None:
@@ -181,52 +184,359 @@ def load_baseline(store: ObjectStore, model: str, version: str) -> WindowSummary
         return None
 
 
+def expected_outlier_rate(store: ObjectStore, model: str, version: str) -> float | None:
+    """The false-positive rate the registered bundle's threshold was calibrated for."""
+    import json
+
+    try:
+        manifest = json.loads(store.get(model_key(model, version, MANIFEST_FILE)))
+        return float(manifest["outlier"]["target_false_positive_rate"])
+    except (ObjectNotFound, KeyError, TypeError, ValueError):
+        return None
+
+
+def _read(store: ObjectStore, keys: list[str], workers: int) -> Iterator[tuple[str, bytes | Exception]]:
+    """The objects, in order, fetched ``workers`` at a time (S3 latency, not CPU, bounds a review)."""
+    def get(key: str):
+        try:
+            return key, store.get(key)
+        except Exception as err:  # noqa: BLE001 - reported per key, the review goes on
+            return key, err
+
+    if workers <= 1:
+        yield from map(get, keys)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for i in range(0, len(keys), workers * 4):  # bounded read-ahead
+            yield from pool.map(get, keys[i:i + workers * 4])
+
+
+# --- the review --------------------------------------------------------------------------------
+
+
+def parse_span(text: str) -> timedelta:
+    """``90m``, ``24h``, ``7d``, ``3600`` (seconds)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text or "")
+    if not m:
+        raise ValueError(f"{text!r}: expected a span such as 90m, 24h or 7d")
+    return timedelta(seconds=float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]])
+
+
 def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSummary] | None = None,
-                thresholds: Thresholds = Thresholds()) -> tuple[list[ModelDrift], list[str]]:
-    """Assess every (model, version) in the store; returns the reports and any warnings."""
-    fleet, warnings = load_fleet(store)
-    reports: list[ModelDrift] = []
-    for (model, version), devices in sorted(fleet.items()):
+                thresholds: Thresholds = Thresholds(), since: datetime | None = None,
+                until: datetime | None = None, last: timedelta | None = timedelta(days=1),
+                cycle_s: int | None = None, workers: int = 8,
+                progress: Callable[[int, int], None] | None = None) -> tuple[list[ModelDrift], list[str]]:
+    """Review every (model, version) in the store over [since, until): by default the last day
+    of data (``last``; None: all of it). Returns the reports and warnings."""
+    listing = list_summaries(store)
+    warnings: list[str] = []
+    reports = []
+    total = sum(len(k) for devices in listing.values() for k in devices.values())
+    done = [0]
+
+    def tick(n: int = 1) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    for (model, version), devices in sorted(listing.items()):
         baseline = (baselines or {}).get((model, version)) or load_baseline(store, model, version)
         if baseline is None:
             warnings.append(f"no baseline for {model} {version}: skipped (register the bundle first)")
+            tick(sum(len(k) for k in devices.values()))
             continue
-        assessed = []
-        for device, wins in sorted(devices.items()):
-            try:
-                assessed.append(assess_device(baseline, wins, thresholds))
-            except (ValueError, KeyError) as err:  # one inconsistent device must not hide the fleet
-                warnings.append(f"{model} {version} device {device}: skipped: {err}")
-        reports.append(ModelDrift(model, version, assessed))
+        report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
+                               cycle_s, workers, warnings, tick)
+        report.expected_outlier_rate = expected_outlier_rate(store, model, version)
+        _judge(report, thresholds)
+        reports.append(report)
     return reports, warnings
 
 
+def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
+                  warnings, tick) -> ModelDrift:
+    starts = [s for keys in devices.values() for s, _ in keys]
+    if until is None:  # the end of the newest window: read it
+        newest = max((s, k) for keys in devices.values() for s, k in keys)
+        try:
+            until = load_summary(store.get(newest[1]), newest[1]).window_end
+        except (ContractError, ObjectNotFound):
+            until = newest[0]
+    if since is None and last is not None:
+        since = until - last
+    if since is None:
+        since = min(starts)
+    cycle = timedelta(seconds=cycle_s) if cycle_s else None
+    grids = {name: st.grid_for(s) for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items()}
+    base = {name: st.Profile(grid) for name, grid in grids.items()}
+    for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items():
+        base[name].add_summary(s)
+    report = ModelDrift(model, version, since, until, [], cycle_s=cycle_s)
+    fleet_state = _Device("(fleet)")
+    seen: dict[tuple, str] = {}
+    hours: dict[datetime, dict] = {}
+    for device, keys in sorted(devices.items()):
+        chosen = sorted(k for s, k in keys if since <= s < until)
+        tick(len(keys) - len(chosen))
+        state = _Device(device)
+        for key, data in _read(store, chosen, workers):
+            tick()
+            _take(state, key, data, model, version, since, until, cycle, grids, seen, warnings, hours)
+        if not state.windows:
+            continue
+        report.devices.append(_device_result(state, base, cycle, until, since, t))
+        for bucket in _complete_buckets(state, cycle, until, since):
+            _add_bucket(fleet_state, bucket)
+        fleet_state.windows += state.windows
+        fleet_state.records += state.records
+        fleet_state.rejected += state.rejected
+        fleet_state.outliers += state.outliers
+    if fleet_state.windows:
+        fleet_state.first = min(d.first for d in report.devices)
+        fleet_state.last = max(d.last for d in report.devices)
+        report.fleet = _device_result(fleet_state, base, None, until, since, t)
+        current = fleet_state.buckets.get(0, {})
+        for name, b in base.items():
+            c = current.get(name)
+            pick = sorted({int(i) for i in np.linspace(0, len(b.grid) - 1, 64)})
+            report.distributions[name] = {"x": b.grid[pick].tolist(), "baseline_cdf": b.cdf[pick].tolist(),
+                                          "current_cdf": (c.cdf[pick].tolist() if c is not None and c.count
+                                                          else None)}
+    report.timeline = [{"hour": h, "records": v["records"], "rejected": v["rejected"], "outliers": v["outliers"],
+                        "means": {n: v["sums"][n] / v["counts"][n] for n in sorted(v["counts"])}}
+                       for h, v in sorted(hours.items())]
+    return report
+
+
+def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings, hours) -> None:
+    if isinstance(data, Exception):
+        warnings.append(f"summary not read: {key}: {data}")
+        return
+    try:
+        s = load_summary(data, key)
+    except ContractError as err:
+        warnings.append(f"unreadable summary skipped: {err}")
+        return
+    claimed = f"/model={s.model_name}/version={s.model_version}/device={s.device_id}/"
+    if claimed not in "/" + key or (s.model_name, s.model_version) != (model, version):
+        # the key is what the device's IAM policy scopes (device=<thing name>); a summary that
+        # names another device or model than its key is not counted for either
+        warnings.append(f"summary skipped: {key} holds {s.model_name} {s.model_version} of device "
+                        f"{s.device_id!r}, which its key does not name")
+        return
+    if s.window_end > until or s.window_start < since:
+        return
+    if s.records_digest is not None:
+        if s.identity in seen:
+            warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")
+            return
+        seen[s.identity] = key
+    if set(s.features) != set(grids) - {SCORE_ROW}:
+        warnings.append(f"summary skipped: {key}: features {sorted(s.features)} are not the baseline's")
+        return
+    bucket = int((until - s.window_end) // cycle) if cycle else 0
+    profiles = state.buckets.setdefault(bucket, {name: st.Profile(grid) for name, grid in grids.items()})
+    for name, summary in s.features.items():
+        profiles[name].add_summary(summary)
+    profiles[SCORE_ROW].add_summary(s.score)
+    state.windows += 1
+    state.records += s.records
+    state.rejected += s.rejected
+    state.outliers += s.outliers
+    hour = hours.setdefault(s.window_start.replace(minute=0, second=0, microsecond=0),
+                            {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
+                             "counts": defaultdict(int)})
+    hour["records"] += s.records
+    hour["rejected"] += s.rejected
+    hour["outliers"] += s.outliers
+    for name, summary in s.features.items():
+        if summary.count and summary.mean is not None:
+            hour["sums"][name] += summary.mean * summary.count
+            hour["counts"][name] += summary.count
+    state.first = min(state.first or s.window_start, s.window_start)
+    if state.last is None or s.window_end >= state.last:
+        state.last = s.window_end
+        state.health = _health(s)
+
+
+def _health(s: WindowSummary) -> dict:
+    doc = s.health.model_dump(exclude_defaults=True) if s.health else {}
+    if s.spool_dropped:
+        doc["spool_dropped"] = s.spool_dropped.model_dump(exclude_defaults=True)
+    return doc
+
+
+def _complete_buckets(state: _Device, cycle, until, since) -> list[dict[str, st.Profile]]:
+    """Every bucket without a cycle; with one, the cycles the device's data covers whole."""
+    if cycle is None:
+        return list(state.buckets.values())
+    out = []
+    for b, profiles in sorted(state.buckets.items()):
+        bucket_start = until - cycle * (b + 1)
+        if bucket_start >= since and state.first is not None and state.first <= bucket_start:
+            out.append(profiles)
+    return out
+
+
+def _add_bucket(state: _Device, bucket: dict[str, st.Profile]) -> None:
+    target = state.buckets.setdefault(0, {n: st.Profile(p.grid) for n, p in bucket.items()})
+    for name, profile in bucket.items():
+        target[name].add(profile)
+
+
+def _device_result(state: _Device, base: dict[str, st.Profile], cycle, until, since, t) -> DeviceDrift:
+    grids = {name: p.grid for name, p in base.items()}
+    buckets = _complete_buckets(state, cycle, until, since)
+    merged = {name: st.Profile(grid) for name, grid in grids.items()}
+    for bucket in buckets:
+        for name, profile in bucket.items():
+            merged[name].add(profile)
+    partial = {name: st.Profile(grid) for name, grid in grids.items()}  # for the rates: every window
+    for bucket in state.buckets.values():
+        for name, profile in bucket.items():
+            partial[name].add(profile)
+    scored = state.records
+    d = DeviceDrift(state.device_id, state.windows, scored, state.rejected, state.outliers,
+                    state.outliers / scored if scored else 0.0, state.first, state.last, health=state.health)
+    short = cycle is not None and not buckets
+    for name in grids:
+        b, c = base[name], merged[name]
+        seen = partial[name]
+        f = FeatureDrift(name, c.count if not short else seen.count, (c if not short else seen).mean, b.mean)
+        total = seen.count + seen.missing + seen.nonfinite
+        f.missing_rate = seen.missing / total if total else 0.0
+        f.nonfinite_rate = seen.nonfinite / total if total else 0.0
+        f.out_of_range_rate = st.out_of_range(b, seen)
+        if short:
+            f.verdict = "short"
+        elif c.count >= t.min_count and b.count:
+            f.ks = st.ks(b, c)
+            f.ks_adjusted = st.ks_adjusted(b, c)
+            f.robust_linf = st.robust_linf(f.ks, c.count, b.count, t.ks_alpha)
+            f.psi, f.js, f.wasserstein = st.psi(b, c), st.js(b, c), st.wasserstein(b, c)
+            f.pvalue = st.ks_pvalue(f.ks_adjusted, c.count, b.count)
+        d.features.append(f)
+        if name == SCORE_ROW:
+            continue
+        b_total = b.count + b.missing + b.nonfinite
+        for check, count, base_rate in (
+            ("missing", seen.missing, b.missing / b_total if b_total else 0.0),
+            ("non-finite", seen.nonfinite, b.nonfinite / b_total if b_total else 0.0),
+            ("out-of-range", round(f.out_of_range_rate * seen.count), 2.0 / max(b.count, 1)),
+        ):
+            n = total if check != "out-of-range" else seen.count
+            if n:
+                d.checks.append(Check(f"{name}: {check}", "data-quality", count, n, count / n, base_rate,
+                                      st.rate_pvalue(count, n, base_rate)))
+    seen_records = state.records + state.rejected
+    if seen_records:
+        d.checks.append(Check("rejected records", "data-quality", state.rejected, seen_records,
+                              state.rejected / seen_records, 0.0, st.rate_pvalue(state.rejected, seen_records, 0.0)))
+    return d
+
+
+def _judge(report: ModelDrift, t: Thresholds) -> None:
+    """Verdicts for every device (and the fleet), with one false-discovery correction over all."""
+    rows = [*report.devices, *([report.fleet] if report.fleet else [])]
+    expected = report.expected_outlier_rate
+    for d in rows:
+        if expected is not None and d.records:
+            d.checks.append(Check("outlier rate", "outliers", d.outliers, d.records, d.outlier_rate, expected,
+                                  st.rate_pvalue(d.outliers, d.records, expected)))
+    tests = [f for d in rows for f in d.features if f.pvalue is not None]
+    checks = [c for d in rows for c in d.checks]
+    qvalues = st.benjamini_hochberg([f.pvalue for f in tests] + [c.pvalue for c in checks])
+    for f, q in zip(tests, qvalues[: len(tests)]):
+        f.qvalue = q
+        significant = q < t.alpha
+        f.verdict = ("drift" if significant and f.ks_adjusted >= t.drift_ks else
+                     "warn" if significant and f.ks_adjusted >= t.warn_ks else "ok")
+    for c, q in zip(checks, qvalues[len(tests):]):
+        c.qvalue = q
+        excess = c.rate - c.expected
+        if c.kind == "outliers":
+            flagged = excess >= t.outlier_excess and c.rate >= t.outlier_factor * c.expected
+        else:
+            flagged = excess >= t.quality_rate
+        c.verdict = c.kind if flagged and q < t.alpha else "ok"
+    for d in rows:
+        _device_verdict(d)
+    report.devices.sort(key=lambda d: (-SEVERITY[d.verdict], -d.worst_ks, d.device_id))
+
+
+def _device_verdict(d: DeviceDrift) -> None:
+    d.drifted_features = [f.feature for f in d.features if f.verdict == "drift"]
+    reasons = [f"{f.feature}: drift (KS {f.ks:.3f}, PSI {f.psi:.2f})" for f in d.features if f.verdict == "drift"]
+    flagged = [c for c in d.checks if c.verdict != "ok"]
+    reasons += [f"{c.name} {c.rate:.1%} (expected {c.expected:.1%})" for c in flagged]
+    verdicts = {f.verdict for f in d.features}
+    if d.drifted_features or any(c.kind == "outliers" for c in flagged):
+        d.verdict = "drift"
+    elif flagged:
+        d.verdict = "data-quality"
+    elif "warn" in verdicts:
+        d.verdict = "warn"
+        reasons += [f"{f.feature}: warn (KS {f.ks:.3f})" for f in d.features if f.verdict == "warn"]
+    elif "ok" in verdicts:
+        d.verdict = "ok"
+    elif "short" in verdicts:
+        d.verdict = "short"
+        reasons.append("less than one whole cycle of data in range: distributions not compared")
+    else:
+        d.verdict = "too-few"
+    d.reasons = reasons
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
 def to_json(reports: list[ModelDrift], thresholds: Thresholds) -> dict:
-    return {
+    return _clean({
         "thresholds": asdict(thresholds),
-        "models": [
-            {**asdict(r), "drifted_devices": r.drifted_devices} for r in reports
-        ],
-    }
+        "models": [{**asdict(r), "drifted_devices": r.drifted_devices} for r in reports],
+    })
 
 
-def format_table(report: ModelDrift) -> str:
+def format_table(report: ModelDrift, features: bool = True, limit: int | None = None) -> str:
+    """Worst devices first; a device's features that are not ok under it."""
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    header = f"{'device':<14}{'feature':<18}{'rows':>7}{'mean':>11}{'base mean':>11}{'PSI':>8}{'KS':>7}  verdict"
-    lines = [f"model {report.model_name} version {report.model_version}", header, "-" * len(header)]
+    span = (f"{report.since:%Y-%m-%d %H:%M} .. {report.until:%Y-%m-%d %H:%M} UTC"
+            if report.since and report.until else "all data")
+    cycle = f", whole cycles of {report.cycle_s / 3600:g} h" if report.cycle_s else ""
+    head = f"{'device':<16}{'feature':<18}{'rows':>8}{'mean':>11}{'base mean':>11}{'KS':>7}{'PSI':>7}{'q':>9}  verdict"
+    lines = [f"model {report.model_name} version {report.model_version}: {span}{cycle}", head, "-" * len(head)]
+    shown = report.devices[:limit] if limit else report.devices
+    for d in shown + ([report.fleet] if report.fleet else []):
+        if features:
+            for f in d.features:
+                if f.verdict in ("drift", "warn") or d.verdict in ("drift", "warn") or len(shown) <= 10:
+                    lines.append(
+                        f"{d.device_id:<16}{f.feature:<18}{f.count:>8}{num(f.mean, '.4g'):>11}"
+                        f"{num(f.baseline_mean, '.4g'):>11}{num(f.ks, '.3f'):>7}{num(f.psi, '.2f'):>7}"
+                        f"{num(f.qvalue, '.1e'):>9}  " + (f.verdict.upper() if f.verdict == "drift" else f.verdict))
+        why = f"; {'; '.join(d.reasons)}" if d.reasons else ""
+        lines.append(f"{d.device_id:<16}=> {d.verdict.upper()}: {d.records} rows, {d.outliers} outliers "
+                     f"({d.outlier_rate:.1%}), {d.rejected} rejected{why}")
+    if limit and len(report.devices) > limit:
+        lines.append(f"... {len(report.devices) - limit} more devices (see the JSON)")
+    counts: dict[str, int] = defaultdict(int)
     for d in report.devices:
-        for f in d.features:
-            lines.append(
-                f"{d.device_id:<14}{f.feature:<18}{f.count:>7}{num(f.mean, '.4g'):>11}"
-                f"{num(f.baseline_mean, '.4g'):>11}{num(f.psi, '.3f'):>8}{num(f.ks, '.3f'):>7}  "
-                + (f.verdict.upper() if f.verdict == "drift" else f.verdict)
-            )
-        lines.append(
-            f"{d.device_id:<14}=> {d.verdict.upper()}: {d.records} rows, {d.outliers} outliers "
-            f"({d.outlier_rate:.1%}), {d.rejected} rejected"
-            + (f"; drifted: {', '.join(d.drifted_features)}" if d.drifted_features else "")
-        )
+        counts[d.verdict] += 1
+    lines.append("devices: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda x: -SEVERITY[x[0]])))
     lines.append(f"drifted devices: {', '.join(report.drifted_devices) or 'none'}")
     return "\n".join(lines)

@@ -37,9 +37,12 @@ class DeviceStream:
     ids: list[str] = field(default_factory=list)
 
 
+CYCLE_S = 86400  # the sensors follow a daily cycle
+
+
 def _sensors(rng: np.random.Generator, ts: np.ndarray, bias: float) -> np.ndarray:
     n = len(ts)
-    day = 2 * np.pi * ((ts % 86400) / 86400)
+    day = 2 * np.pi * ((ts % CYCLE_S) / CYCLE_S)
     ambient = np.sin(day - 1.0) + 0.1 * rng.standard_normal(n)
     load = 0.6 + 0.3 * np.sin(2 * day) + 0.15 * rng.standard_normal(n)
     X = np.column_stack([

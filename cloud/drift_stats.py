@@ -1,0 +1,252 @@
+"""The statistics of a drift review, from window summaries alone, deterministic and mergeable.
+
+A device's distribution of one feature over many windows is the mixture of its windows'
+distributions, so its CDF at a point is the count-weighted mean of each window's sketch CDF there.
+``Profile`` accumulates exactly that on a fixed grid taken from the baseline (its quantiles, both
+sides of every point, so point masses and ties keep their own bins), plus counts and moments.
+Profiles add up (device + device = cohort or fleet) and never hold a summary, so a review streams;
+no KLL sketch is merged, so the same store always gives the same numbers.
+
+From a profile and the baseline's:
+
+* ``ks``: the Kolmogorov-Smirnov distance on the grid, and ``ks_adjusted``: less both sketches'
+  rank error, so sketch noise alone never reads as drift however large the sample;
+* ``ks_pvalue``: the two-sample test on the adjusted distance, with the effective sample size
+  ``n m / (n + m)``; ``robust_linf``: SageMaker Model Monitor's robust L-infinity distance, the
+  distance less its critical value at the test's level;
+* ``psi`` and ``js``: on bins that give every baseline point mass its own bin (tied or discrete
+  data) and keep the tails apart, so new values outside the baseline's range or between its
+  codes show; ``wasserstein``: the earth mover's distance over the baseline's spread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.contracts import NumericSummary
+from edge_runtime.summary import decode_sketch
+
+GRID_RANKS = 129  # baseline quantiles the grid is built on: resolution 1/128 of the baseline's mass
+PSI_BINS = 10
+EPS = 1e-4
+
+
+def grid_for(baseline: NumericSummary) -> np.ndarray:
+    """The points every profile of this feature is evaluated at: the baseline's quantiles, its
+    histogram edges and extremes, each with the largest float32 below it (a CDF's left limit)."""
+    points = list(baseline.hist_edges)
+    sketch = decode_sketch(baseline)
+    if sketch is not None and not sketch.is_empty():
+        points += list(sketch.get_quantiles(np.linspace(0, 1, GRID_RANKS)))
+    points += [v for v in (baseline.min, baseline.max) if v is not None]
+    # float32: devices sketch float32 values, and a float32 sketch needs strictly increasing points
+    base = np.unique(np.asarray(points, dtype=np.float32))
+    base = base[np.isfinite(base)]
+    return np.unique(np.concatenate([base, np.nextafter(base, np.float32(-np.inf))])).astype(np.float64)
+
+
+def _rank_error(sketch) -> float:
+    return float(sketch.normalized_rank_error(False)) if sketch.is_estimation_mode() else 0.0
+
+
+@dataclass
+class Profile:
+    """One feature's distribution over any number of windows, on a fixed grid."""
+
+    grid: np.ndarray
+    count: int = 0  # finite values
+    missing: int = 0
+    nonfinite: int = 0
+    cdf_mass: np.ndarray = field(default=None)  # sum over windows of count * CDF(grid)
+    error_mass: float = 0.0  # sum over windows of count * the sketch's rank error
+    total: float = 0.0  # sum of values (mean = total / count)
+    m2: float = 0.0  # sum of squared deviations, merged by Chan's formula
+    min: float = math.inf
+    max: float = -math.inf
+
+    def __post_init__(self) -> None:
+        if self.cdf_mass is None:
+            self.cdf_mass = np.zeros(len(self.grid))
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    @property
+    def std(self) -> float | None:
+        return math.sqrt(self.m2 / self.count) if self.count else None
+
+    @property
+    def cdf(self) -> np.ndarray:
+        return self.cdf_mass / self.count if self.count else self.cdf_mass
+
+    @property
+    def rank_error(self) -> float:
+        return self.error_mass / self.count if self.count else 0.0
+
+    def add_summary(self, s: NumericSummary) -> None:
+        self.missing += s.missing
+        self.nonfinite += s.nonfinite
+        if not s.count:
+            return
+        sketch = decode_sketch(s)
+        cdf = np.asarray(sketch.get_cdf(self.grid), dtype=np.float64)[: len(self.grid)]
+        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, cdf * s.count,
+                  _rank_error(sketch) * s.count, s.min, s.max)
+
+    def add(self, other: Profile) -> None:
+        self.missing += other.missing
+        self.nonfinite += other.nonfinite
+        if other.count:
+            self._add(other.count, other.mean, other.m2, other.cdf_mass, other.error_mass, other.min, other.max)
+
+    def _add(self, n: int, mean: float, m2: float, cdf_mass, error_mass: float, lo, hi) -> None:
+        if self.count:
+            delta = mean - self.total / self.count
+            self.m2 += m2 + delta * delta * self.count * n / (self.count + n)
+        else:
+            self.m2 = m2
+        self.count += n
+        self.total += mean * n
+        self.cdf_mass = self.cdf_mass + cdf_mass
+        self.error_mass += error_mass
+        self.min = min(self.min, lo if lo is not None else math.inf)
+        self.max = max(self.max, hi if hi is not None else -math.inf)
+
+    def present_rate(self) -> float:
+        seen = self.count + self.missing + self.nonfinite
+        return self.count / seen if seen else 1.0
+
+
+def ks(base: Profile, cur: Profile) -> float:
+    return float(np.max(np.abs(cur.cdf - base.cdf))) if base.count and cur.count else 0.0
+
+
+def ks_adjusted(base: Profile, cur: Profile) -> float:
+    """The KS distance less what the two sketches' rank errors (and the grid) could account for."""
+    return max(0.0, ks(base, cur) - base.rank_error - cur.rank_error - 1.0 / (GRID_RANKS - 1))
+
+
+def kolmogorov_sf(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution."""
+    if lam < 0.2:
+        return 1.0
+    terms = [(-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101)]
+    return float(min(1.0, max(0.0, 2 * sum(terms))))
+
+
+def effective_n(n: int, m: int) -> float:
+    return n * m / (n + m) if n and m else 0.0
+
+
+def ks_pvalue(d: float, n: int, m: int) -> float:
+    ne = effective_n(n, m)
+    if ne <= 0:
+        return 1.0
+    root = math.sqrt(ne)
+    return kolmogorov_sf((root + 0.12 + 0.11 / root) * d)  # Stephens' small-sample correction
+
+
+def ks_critical(n: int, m: int, alpha: float) -> float:
+    """The distance a two-sample KS test at level ``alpha`` needs with these sample sizes."""
+    ne = effective_n(n, m)
+    return math.sqrt(-math.log(alpha / 2) / 2) / math.sqrt(ne) if ne else math.inf
+
+
+def robust_linf(d: float, n: int, m: int, alpha: float) -> float:
+    return max(0.0, d - ks_critical(n, m, alpha))
+
+
+def bin_masses(profile: Profile, base: Profile, bins: int = PSI_BINS) -> np.ndarray:
+    """Masses in bins from the baseline: its deciles, a bin of its own for every point mass (a
+    value holding more than half a bin), the gaps between, and both tails."""
+    grid, bcdf = base.grid, base.cdf
+    edges: list[int] = []  # indices into grid of right-closed edges
+    targets = np.linspace(0, 1, bins + 1)[1:-1]
+    edges += [int(np.searchsorted(bcdf, t, side="left")) for t in targets]
+    jumps = np.diff(np.concatenate([[0.0], bcdf]))
+    edges += [i for i in np.nonzero(jumps > 0.5 / bins)[0]]  # the point itself ...
+    edges += [i - 1 for i in np.nonzero(jumps > 0.5 / bins)[0] if i > 0]  # ... and just below it
+    edges = sorted({min(max(e, 0), len(grid) - 1) for e in edges} | {0, len(grid) - 1})
+    cdf = profile.cdf
+    at = np.concatenate([[0.0], cdf[edges], [1.0]])  # below the lowest grid point, ..., above the top
+    return np.clip(np.diff(at), 0.0, None)
+
+
+def psi(base: Profile, cur: Profile) -> float:
+    p, q = bin_masses(base, base), bin_masses(cur, base)
+    p, q = np.clip(p / max(p.sum(), EPS), EPS, None), np.clip(q / max(q.sum(), EPS), EPS, None)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def js(base: Profile, cur: Profile) -> float:
+    """Jensen-Shannon distance (base 2: 0 same, 1 disjoint) on the same bins as PSI."""
+    p, q = bin_masses(base, base), bin_masses(cur, base)
+    p, q = p / max(p.sum(), EPS), q / max(q.sum(), EPS)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
+
+    return math.sqrt(max(0.0, (kl(p, m) + kl(q, m)) / 2))
+
+
+def wasserstein(base: Profile, cur: Profile) -> float:
+    """Earth mover's distance between the two distributions over the baseline's standard
+    deviation (0: the same; 1: as far as one spread)."""
+    if not base.count or not cur.count:
+        return 0.0
+    grid = base.grid
+    diff = np.abs(cur.cdf - base.cdf)
+    inside = float(np.sum(diff[:-1] * np.diff(grid)))
+    below = max(0.0, grid[0] - cur.min) * float(cur.cdf[0]) if math.isfinite(cur.min) else 0.0
+    above = max(0.0, cur.max - grid[-1]) * float(1 - cur.cdf[-1]) if math.isfinite(cur.max) else 0.0
+    spread = base.std or 0.0
+    if spread <= 0:
+        spread = max(abs(base.mean or 0.0), 1.0)
+    return (inside + below + above) / spread
+
+
+def out_of_range(base: Profile, cur: Profile) -> float:
+    """The share of current values outside the baseline's [min, max]."""
+    if not cur.count or not base.count:
+        return 0.0
+    return float(cur.cdf[0] + (1 - cur.cdf[-1])) if len(cur.grid) else 0.0
+
+
+def rate_pvalue(k: int, n: int, p0: float) -> float:
+    """One-sided P(X >= k) for X ~ Binomial(n, p0), by the normal approximation with continuity
+    correction (exact enough for the rates a review judges), or Poisson when p0 n is small."""
+    if n <= 0 or k <= 0:
+        return 1.0
+    p0 = min(max(p0, 1e-6), 1 - 1e-9)
+    mu = n * p0
+    if mu < 20:  # Poisson tail
+        term = math.exp(-mu)
+        cdf = 0.0
+        for i in range(k):
+            cdf += term
+            term *= mu / (i + 1)
+        return max(0.0, 1.0 - cdf)
+    sd = math.sqrt(n * p0 * (1 - p0))
+    z = (k - 0.5 - mu) / sd
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def benjamini_hochberg(pvalues: list[float]) -> list[float]:
+    """q-values: the false discovery rate at which each test would be declared."""
+    n = len(pvalues)
+    if not n:
+        return []
+    order = sorted(range(n), key=lambda i: (pvalues[i], i))
+    q = [0.0] * n
+    running = 1.0
+    for rank in range(n, 0, -1):
+        i = order[rank - 1]
+        running = min(running, pvalues[i] * n / rank)
+        q[i] = running
+    return q
