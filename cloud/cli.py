@@ -145,31 +145,76 @@ def _iam_policy(args) -> int:
 
 
 def _fleet_drift(args) -> int:
-    from cloud.drift import Thresholds, fleet_drift, format_table, to_json
+    from datetime import datetime, timezone
+
+    from cloud.drift import Thresholds, fleet_drift, format_table, parse_span, to_json
     from edge_runtime.contracts import load_summary
     from edge_runtime.store import open_store
+
+    def when(text: str | None):
+        if not text:
+            return None
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
     store = open_store(args.store, args.endpoint_url)
     baselines = {}
     if args.baseline:
         b = load_summary(Path(args.baseline).read_bytes(), args.baseline)
         baselines[(b.model_name, b.model_version)] = b
-    thresholds = Thresholds(psi_drift=args.psi_drift, ks_drift=args.ks_drift, min_count=args.min_rows)
-    reports, warnings = fleet_drift(store, baselines, thresholds)
+    thresholds = Thresholds(alpha=args.alpha, drift_ks=args.drift_ks, warn_ks=args.warn_ks, min_count=args.min_rows,
+                            quality_rate=args.quality_rate)
+    bar = _progress("reading summaries") if sys.stderr.isatty() else None
+    reports, warnings = fleet_drift(
+        store, baselines, thresholds, since=when(args.since), until=when(args.until),
+        last=None if args.all or args.since else parse_span(args.last),
+        cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None,
+        workers=args.workers, progress=bar)
+    if bar:
+        print(file=sys.stderr)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not reports:
         print(f"no summaries with a baseline found in {args.store}", file=sys.stderr)
         return 1
     for r in reports:
-        print(format_table(r))
+        print(format_table(r, features=not args.brief, limit=args.limit))
         print()
-    doc = to_json(reports, thresholds)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        Path(args.json).write_text(json.dumps(to_json(reports, thresholds), indent=1))
         print(f"drift JSON written to {args.json}")
+    if args.model_monitor:
+        from cloud import model_monitor
+
+        for path in model_monitor.write(reports, args.model_monitor, thresholds):
+            print(f"Model Monitor: {path}")
+    if args.html:
+        from cloud.drift_report import write_html
+
+        print(f"HTML report written to {write_html(reports, args.html, warnings)}")
+    if args.cloudwatch:
+        import boto3
+
+        from cloud import cloudwatch
+
+        sent = cloudwatch.publish(reports, boto3.client("cloudwatch"), args.cloudwatch)
+        print(f"{sent} CloudWatch metrics sent to namespace {args.cloudwatch}")
     return 0
+
+
+def _progress(label: str):
+    """A one-line progress bar on stderr, redrawn at most every 1% of the work."""
+    state = {"shown": -1}
+
+    def update(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct != state["shown"]:
+            state["shown"] = pct
+            filled = pct // 4
+            print(f"\r{label} [{'#' * filled}{'.' * (25 - filled)}] {pct:3d}% ({done}/{total})",
+                  end="", file=sys.stderr, flush=True)
+    return update
 
 
 def _demo(args) -> int:
@@ -267,9 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, LocalStack)")
     p.add_argument("--baseline", help="baseline.json to use instead of the registered one")
     p.add_argument("--json", help="also write the result as JSON to this path")
-    p.add_argument("--psi-drift", type=float, default=0.25)
-    p.add_argument("--ks-drift", type=float, default=0.2)
-    p.add_argument("--min-rows", type=int, default=100)
+    p.add_argument("--model-monitor", metavar="DIR", help="also write Model Monitor's statistics.json, "
+                   "constraints.json and constraint_violations.json per model version under DIR")
+    p.add_argument("--html", help="also write a self-contained HTML report to this path")
+    p.add_argument("--cloudwatch", nargs="?", const="edgeloop/drift", metavar="NAMESPACE",
+                   help="also send the metrics to CloudWatch (default namespace edgeloop/drift)")
+    p.add_argument("--since", help="start of the range (ISO-8601, UTC if no zone)")
+    p.add_argument("--until", help="end of the range (default: the end of the newest window)")
+    p.add_argument("--last", default="24h", help="the range's length when --since is not given (default 24h)")
+    p.add_argument("--all", action="store_true", help="the whole history instead of --last")
+    p.add_argument("--cycle", help="the data's cycle, e.g. 24h: compare whole cycles only")
+    p.add_argument("--alpha", type=float, default=0.01, help="false discovery rate over all tests (0.01)")
+    p.add_argument("--drift-ks", type=float, default=0.05, help="KS distance (sketch error removed) for drift")
+    p.add_argument("--warn-ks", type=float, default=0.025)
+    p.add_argument("--quality-rate", type=float, default=0.02,
+                   help="data-quality shares above the baseline's by this much are flagged (0.02)")
+    p.add_argument("--min-rows", type=int, default=50, help="fewer values: no verdict")
+    p.add_argument("--workers", type=int, default=8, help="summaries read in parallel")
+    p.add_argument("--limit", type=int, help="show at most this many devices in the table")
+    p.add_argument("--brief", action="store_true", help="one line per device")
     p.set_defaults(func=_fleet_drift)
 
     p = sub.add_parser("demo", help="the whole loop on a simulated fleet, no cloud account needed")

@@ -87,6 +87,11 @@ class FeatureDrift:
     nonfinite_rate: float = 0.0
     out_of_range_rate: float = 0.0
     verdict: str = "too-few"
+    missing: int = 0
+    nonfinite: int = 0
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
 
 
 @dataclass
@@ -152,6 +157,7 @@ class _Device:
 
     device_id: str
     buckets: dict[int, dict[str, st.Profile]] = field(default_factory=dict)
+    covered: dict[int, dict[datetime, float]] = field(default_factory=dict)  # bucket -> window start -> seconds
     windows: int = 0
     records: int = 0
     rejected: int = 0
@@ -337,6 +343,7 @@ def _take(state: _Device, key, data, model, version, since, until, cycle, grids,
         return
     bucket = int((until - s.window_end) // cycle) if cycle else 0
     profiles = state.buckets.setdefault(bucket, {name: st.Profile(grid) for name, grid in grids.items()})
+    state.covered.setdefault(bucket, {})[s.window_start] = (s.window_end - s.window_start).total_seconds()
     for name, summary in s.features.items():
         profiles[name].add_summary(summary)
     profiles[SCORE_ROW].add_summary(s.score)
@@ -367,19 +374,24 @@ def _health(s: WindowSummary) -> dict:
     return doc
 
 
+COVERAGE = 0.9  # a cycle counts as whole when the device's windows cover this much of it
+
+
 def _complete_buckets(state: _Device, cycle, until, since) -> list[dict[str, st.Profile]]:
-    """Every bucket without a cycle; with one, the cycles the device's data covers whole."""
+    """Every bucket without a cycle; with one, the cycles (inside the range) the device's windows
+    cover, so that no part of the cycle weighs more than another."""
     if cycle is None:
         return list(state.buckets.values())
     out = []
     for b, profiles in sorted(state.buckets.items()):
-        bucket_start = until - cycle * (b + 1)
-        if bucket_start >= since and state.first is not None and state.first <= bucket_start:
+        covered = sum(state.covered.get(b, {}).values())
+        if until - cycle * (b + 1) >= since and covered >= COVERAGE * cycle.total_seconds():
             out.append(profiles)
     return out
 
 
 def _add_bucket(state: _Device, bucket: dict[str, st.Profile]) -> None:
+    """Into the fleet's one bucket: the complete cycles of every device."""
     target = state.buckets.setdefault(0, {n: st.Profile(p.grid) for n, p in bucket.items()})
     for name, profile in bucket.items():
         target[name].add(profile)
@@ -408,6 +420,8 @@ def _device_result(state: _Device, base: dict[str, st.Profile], cycle, until, si
         f.missing_rate = seen.missing / total if total else 0.0
         f.nonfinite_rate = seen.nonfinite / total if total else 0.0
         f.out_of_range_rate = st.out_of_range(b, seen)
+        f.missing, f.nonfinite, f.std = seen.missing, seen.nonfinite, seen.std
+        f.min, f.max = (seen.min, seen.max) if seen.count else (None, None)
         if short:
             f.verdict = "short"
         elif c.count >= t.min_count and b.count:
@@ -466,12 +480,12 @@ def _judge(report: ModelDrift, t: Thresholds) -> None:
 
 
 def _device_verdict(d: DeviceDrift) -> None:
-    d.drifted_features = [f.feature for f in d.features if f.verdict == "drift"]
+    d.drifted_features = [f.feature for f in d.features if f.verdict == "drift" and f.feature != SCORE_ROW]
+    verdicts = {f.verdict for f in d.features}
     reasons = [f"{f.feature}: drift (KS {f.ks:.3f}, PSI {f.psi:.2f})" for f in d.features if f.verdict == "drift"]
     flagged = [c for c in d.checks if c.verdict != "ok"]
     reasons += [f"{c.name} {c.rate:.1%} (expected {c.expected:.1%})" for c in flagged]
-    verdicts = {f.verdict for f in d.features}
-    if d.drifted_features or any(c.kind == "outliers" for c in flagged):
+    if "drift" in verdicts or any(c.kind == "outliers" for c in flagged):
         d.verdict = "drift"
     elif flagged:
         d.verdict = "data-quality"

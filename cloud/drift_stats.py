@@ -93,7 +93,7 @@ class Profile:
         if not s.count:
             return
         sketch = decode_sketch(s)
-        cdf = np.asarray(sketch.get_cdf(self.grid), dtype=np.float64)[: len(self.grid)]
+        cdf = np.asarray(sketch.get_cdf(self.grid, inclusive=True), dtype=np.float64)[: len(self.grid)]
         self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, cdf * s.count,
                   _rank_error(sketch) * s.count, s.min, s.max)
 

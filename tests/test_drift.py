@@ -1,88 +1,273 @@
-from datetime import datetime, timezone
+"""The fleet drift review: numbers checked against scipy, verdicts on fleets of known drift, false
+alarms on fleets without, and the formats other tools read."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
-from cloud.drift import Thresholds, assess_device, judge, ks_distance, psi
+from cloud import drift_stats as st
+from cloud.drift import SCORE_ROW, Thresholds, fleet_drift, to_json
 from cloud.train import quantile_edges
-from edge_runtime.contracts import WindowSummary
+from edge_runtime.contracts import WindowSummary, baseline_key, model_key, summary_key
+from edge_runtime.store import LocalStore
 from edge_runtime.summary import summarise
 
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 RNG = np.random.default_rng(0)
-BASE = RNG.normal(0, 1, 20000)
+BASE = RNG.normal(0, 1, 50_000)
 EDGES = quantile_edges(BASE)
 
 
-def s(x):
-    return summarise(x, EDGES)
+def window(device: str, values: dict[str, np.ndarray], start: datetime, hours: float = 1, rejected: int = 0,
+           outliers: int = 0, edges=None, model: str = "m") -> WindowSummary:
+    n = max((len(v) for v in values.values()), default=0)
+    score = values.get(SCORE_ROW, np.abs(RNG.normal(0, 1, n)))
+    return WindowSummary(
+        model_name=model, model_version="1.0.0", device_id=device, window_start=start,
+        window_end=start + timedelta(hours=hours), records=n, rejected=rejected, outliers=outliers,
+        features={k: summarise(v, (edges or {}).get(k, EDGES)) for k, v in values.items() if k != SCORE_ROW},
+        score=summarise(score, quantile_edges(np.abs(BASE))))
 
 
-def test_same_distribution_is_stable():
-    fresh = np.random.default_rng(1).normal(0, 1, 5000)
-    assert psi(s(BASE), s(fresh)) < 0.02
-    assert ks_distance(s(BASE), s(fresh)) < 0.05
-    assert judge("f", s(BASE), s(fresh), Thresholds()).verdict == "ok"
+class Fleet:
+    """A store with a baseline for model m 1.0.0 and the device windows a test puts in it."""
+
+    def __init__(self, tmp_path, baseline: dict[str, np.ndarray] | None = None, fpr: float | None = None,
+                 edges=None) -> None:
+        self.store = LocalStore(tmp_path / "store")
+        self.edges = edges
+        self.baseline = window("training", baseline or {"f": BASE, SCORE_ROW: np.abs(BASE)}, T0, edges=edges)
+        self.store.put(baseline_key("m", "1.0.0"), self.baseline.model_dump_json().encode())
+        if fpr is not None:
+            self.store.put(model_key("m", "1.0.0", "manifest.json"),
+                           json.dumps({"outlier": {"target_false_positive_rate": fpr}}).encode())
+
+    def add(self, device: str, values: dict[str, np.ndarray] | np.ndarray, start: datetime = T0, **kw) -> None:
+        values = values if isinstance(values, dict) else {"f": values}
+        w = window(device, values, start, edges=self.edges, **kw)
+        self.store.put(summary_key("m", "1.0.0", device, start, instance="i0"), w.model_dump_json().encode())
+
+    def hourly(self, device: str, values: np.ndarray, start: datetime = T0, **kw) -> None:
+        """``values`` spread over hourly windows."""
+        for i, chunk in enumerate(np.array_split(values, max(1, len(values) // 1000))):
+            self.add(device, chunk, start + timedelta(hours=i), **kw)
+
+    def review(self, **kw):
+        (report,), warnings = fleet_drift(self.store, **{"last": None, **kw})
+        return report, warnings
 
 
-def test_shift_of_one_sd_is_drift_with_the_textbook_ks_distance():
-    shifted = np.random.default_rng(2).normal(1, 1, 5000)
-    assert ks_distance(s(BASE), s(shifted)) == pytest.approx(0.383, abs=0.04)  # 2*Phi(0.5) - 1
-    assert psi(s(BASE), s(shifted)) > 0.25
-    assert judge("f", s(BASE), s(shifted), Thresholds()).verdict == "drift"
+def device(report, name: str):
+    return next(d for d in report.devices if d.device_id == name)
 
 
-def test_too_few_rows_are_not_judged():
-    assert judge("f", s(BASE), s(np.full(10, 9.0)), Thresholds()).verdict == "too-few"
+def feature(d, name: str = "f"):
+    return next(f for f in d.features if f.feature == name)
 
 
-def window(device, x, start_h):
-    t = datetime(2026, 11, 1, start_h, tzinfo=timezone.utc)
-    return WindowSummary(model_name="m", model_version="1.0.0", device_id=device, window_start=t, window_end=t,
-                         records=len(x), features={"f": s(x)}, score=s(x))
+# --- the numbers ---------------------------------------------------------------------------------
+
+def test_ks_matches_scipy_within_the_sketch_error_and_is_deterministic(tmp_path):
+    fleet = Fleet(tmp_path)
+    x = np.random.default_rng(1).normal(0.3, 1.2, 40_000)
+    fleet.hourly("d1", x)
+    first, _ = fleet.review()
+    second, _ = fleet.review()
+    assert json.dumps(to_json([first], Thresholds())) == json.dumps(to_json([second], Thresholds()))
+    f = feature(device(first, "d1"))
+    exact = sps.ks_2samp(BASE, x).statistic
+    assert abs(f.ks - exact) <= 0.013 + 0.013 + 1 / 128  # both sketches' rank error and the grid
+    assert f.ks_adjusted <= exact  # the adjusted distance never overstates
+    assert f.count == 40_000 and abs(f.mean - x.mean()) < 1e-6 and abs(f.std - x.std()) < 1e-4
 
 
-def test_device_verdict_merges_its_windows():
-    base = window("training", BASE, 0)
-    rng = np.random.default_rng(3)
-    clean = [window("d1", rng.normal(0, 1, 500), h) for h in range(4)]
-    half = [window("d2", rng.normal(0, 1, 500), h) for h in range(2)] + \
-           [window("d2", rng.normal(2, 1, 500), h) for h in range(2, 4)]
-    assert assess_device(base, clean, Thresholds()).verdict == "ok"
-    d2 = assess_device(base, half, Thresholds())
-    assert d2.verdict == "drift" and d2.drifted_features == ["f"] and d2.records == 2000
+def test_psi_sees_new_codes_in_discrete_data(tmp_path):
+    codes = np.random.default_rng(2).choice([0.0, 1.0, 2.0, 3.0], 20_000, p=[0.4, 0.3, 0.2, 0.1])
+    edges = {"f": sorted(set(np.quantile(codes, np.linspace(0.1, 0.9, 9))))}
+    fleet = Fleet(tmp_path, {"f": codes, SCORE_ROW: np.abs(BASE[:20_000])}, edges=edges)
+    same = np.random.default_rng(3).choice([0.0, 1.0, 2.0, 3.0], 5_000, p=[0.4, 0.3, 0.2, 0.1])
+    new = np.where(np.random.default_rng(4).random(5_000) < 0.15, 1.5, same)  # a code between two old ones
+    fleet.add("same", same)
+    fleet.add("new", new)
+    report, _ = fleet.review()
+    assert feature(device(report, "same")).psi < 0.02
+    assert feature(device(report, "new")).psi > 0.2 and device(report, "new").verdict == "drift"
+    assert st.benjamini_hochberg([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5])
 
 
-def test_a_device_with_foreign_bin_edges_is_skipped_with_a_warning(tmp_path):
-    from cloud.drift import fleet_drift
-    from edge_runtime.contracts import baseline_key, summary_key
-    from edge_runtime.store import LocalStore
+# --- verdicts on fleets of known drift -----------------------------------------------------------
 
-    store = LocalStore(tmp_path)
-    base = window("training", BASE, 0)
-    store.put(baseline_key("m", "1.0.0"), base.model_dump_json().encode())
-    good = window("d1", np.random.default_rng(4).normal(0, 1, 500), 1)
-    odd = window("d2", np.random.default_rng(5).normal(0, 1, 500), 1)
-    odd.features["f"] = summarise(np.zeros(500), [0.0, 1.0])
-    for w in (good, odd):
-        store.put(summary_key("m", "1.0.0", w.device_id, w.window_start), w.model_dump_json().encode())
-    (report,), warnings = fleet_drift(store)
-    assert [d.device_id for d in report.devices] == ["d1"]
-    assert len(warnings) == 1 and "d2" in warnings[0] and "edges" in warnings[0]
+def test_known_drift_is_flagged_on_exactly_those_devices_and_features(tmp_path):
+    rng = np.random.default_rng(5)
+    base = {"a": BASE, "b": RNG.normal(10, 2, 50_000), SCORE_ROW: np.abs(BASE)}
+    edges = {"a": EDGES, "b": quantile_edges(base["b"])}
+    fleet = Fleet(tmp_path, base, edges=edges)
+
+    def normal(n):
+        return {"a": rng.normal(0, 1, n), "b": rng.normal(10, 2, n)}
+
+    fleet.add("healthy", normal(20_000))
+    fleet.add("shift", {**normal(20_000), "a": rng.normal(0.25, 1, 20_000)})  # +0.25 SD
+    fleet.add("spread", {**normal(20_000), "b": rng.normal(10, 3, 20_000)})  # variance x2.25 (sd x1.5)
+    report, _ = fleet.review()
+    assert report.drifted_devices == ["shift", "spread"]
+    assert device(report, "shift").drifted_features == ["a"]
+    assert device(report, "spread").drifted_features == ["b"]
+    assert device(report, "healthy").verdict == "ok"
+    assert report.devices[0].device_id in ("shift", "spread")  # worst first
+
+
+def test_more_data_never_gives_a_milder_verdict(tmp_path):
+    order = {"ok": 0, "warn": 1, "drift": 2}
+    verdicts = []
+    for n in (100, 300, 1_000, 3_000, 10_000, 30_000):  # a +0.25 SD shift, ever more rows
+        fleet = Fleet(tmp_path / str(n))
+        fleet.add("d", np.random.default_rng(n).normal(0.25, 1, n))
+        report, _ = fleet.review()
+        verdicts.append(order[feature(device(report, "d")).verdict])
+    assert verdicts == sorted(verdicts) and verdicts[-1] == 2 and verdicts[0] == 0
+
+
+def test_a_recent_change_after_a_long_normal_history_is_judged_on_the_last_day(tmp_path):
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(6)
+    for day in range(10):  # 50,000 normal rows, then a day at +3 SD
+        for h in range(24):
+            values = rng.normal(3 if day == 9 else 0, 1, 210)
+            fleet.add("d", values, T0 + timedelta(days=day, hours=h))
+    whole, _ = fleet.review()  # everything merged reads mild ...
+    recent, _ = fleet.review(last=timedelta(days=1))  # ... the last day (the default) does not
+    assert feature(device(recent, "d")).ks > 0.8 and device(recent, "d").verdict == "drift"
+    assert recent.since == T0 + timedelta(days=9) and recent.until == T0 + timedelta(days=10)
+    assert feature(device(whole, "d")).ks < feature(device(recent, "d")).ks / 5
+
+
+def test_rejections_and_outliers_count_toward_the_verdict(tmp_path):
+    fleet = Fleet(tmp_path, fpr=0.01)
+    rng = np.random.default_rng(7)
+    fleet.add("fine", rng.normal(0, 1, 5_000), outliers=55)
+    fleet.add("rejecting", rng.normal(0, 1, 3_500), rejected=1_500)  # 30% of its records
+    fleet.add("all-rejected", {"f": np.array([])}, rejected=800)
+    fleet.add("outliers", rng.normal(0, 1, 5_000), outliers=250)  # 5% against 1% calibrated
+    with_nan = rng.normal(0, 1, 5_000)
+    with_nan[:400] = np.nan
+    fleet.add("nan", with_nan)
+    report, _ = fleet.review()
+    assert device(report, "fine").verdict == "ok"
+    assert device(report, "rejecting").verdict == "data-quality"
+    assert "rejected records 30.0%" in " ".join(device(report, "rejecting").reasons)
+    gone = device(report, "all-rejected")  # never scored a record, and still in the review
+    assert gone.verdict == "data-quality" and gone.records == 0 and gone.rejected == 800
+    assert device(report, "outliers").verdict == "drift"
+    assert any("outlier rate 5.0%" in r for r in device(report, "outliers").reasons)
+    assert device(report, "nan").verdict == "data-quality"
+    assert any("f: non-finite" in r for r in device(report, "nan").reasons)
+
+
+def test_whole_cycles_only_when_the_baseline_has_a_cycle(tmp_path):
+    """Healthy devices on a daily cycle: part of a day is not compared with a whole-day baseline."""
+    rng = np.random.default_rng(8)
+    minutes = np.arange(14 * 1440)
+    cycle = lambda m: 5 * np.sin(2 * np.pi * (m % 1440) / 1440)  # noqa: E731
+    base = cycle(minutes) + rng.normal(0, 1, len(minutes))
+    fleet = Fleet(tmp_path, {"f": base, SCORE_ROW: np.abs(BASE)}, edges={"f": quantile_edges(base)})
+    for rows in (100, 300, 1_000):  # the first hours of a day
+        fleet.hourly(f"part-{rows}", cycle(np.arange(rows)) + rng.normal(0, 1, rows), T0 + timedelta(days=1))
+    day = np.arange(1440)
+    for h in range(24):
+        sl = slice(60 * h, 60 * (h + 1))
+        fleet.add("whole-day", cycle(day[sl]) + rng.normal(0, 1, 60), T0 + timedelta(days=1, hours=h))
+    naive, _ = fleet.review(last=timedelta(days=1))
+    cycled, _ = fleet.review(last=timedelta(days=1), cycle_s=86_400)
+    assert {device(naive, f"part-{r}").verdict for r in (300, 1_000)} == {"drift"}  # the false alarm
+    assert {device(cycled, f"part-{r}").verdict for r in (100, 300, 1_000)} == {"short"}
+    assert device(cycled, "whole-day").verdict == "ok"
+
+
+def test_a_thousand_healthy_devices_of_100_to_100000_rows_raise_no_alarm(tmp_path):
+    fleet = Fleet(tmp_path, fpr=0.01)
+    rng = np.random.default_rng(9)
+    sizes = np.round(10 ** rng.uniform(2, 5, 1_000)).astype(int)
+    for i, n in enumerate(sizes):
+        fleet.add(f"d{i:04d}", rng.normal(0, 1, n), outliers=int(rng.binomial(n, 0.01)))
+    report, _ = fleet.review(workers=4)
+    flagged = [d.device_id for d in report.devices if d.verdict not in ("ok", "too-few")]
+    assert len(report.devices) == 1_000 and len(flagged) <= 10  # the stated rate: FDR 1%; here none expected
+    assert report.fleet.verdict == "ok"
+
+
+# --- what other tools read ------------------------------------------------------------------------
+
+def test_model_monitor_files_field_by_field(tmp_path):
+    from cloud import model_monitor
+
+    fleet = Fleet(tmp_path)
+    fleet.add("ok", np.random.default_rng(10).normal(0, 1, 5_000))
+    fleet.add("moved", np.random.default_rng(11).normal(1, 1, 5_000))
+    report, _ = fleet.review()
+    t = Thresholds()
+    out = {p.name: json.loads(p.read_text()) for p in model_monitor.write([report], tmp_path / "mm", t)}
+    cons = out["constraints.json"]
+    assert cons["version"] == 0.0 and cons["features"][0]["name"] == "f"
+    assert set(cons["features"][0]) == {"name", "inferred_type", "completeness", "num_constraints"}
+    dist = cons["monitoring_config"]["distribution_constraints"]
+    assert dist["comparison_method"] == "Robust" and dist["comparison_threshold"] == t.drift_ks
+    stats_doc = out["statistics.json"]
+    assert stats_doc["dataset"]["item_count"] == 10_000
+    (f,) = stats_doc["features"]
+    num = f["numerical_statistics"]
+    assert f["name"] == "f" and f["inferred_type"] == "Fractional"
+    assert num["common"] == {"num_present": 10_000, "num_missing": 0}
+    assert {"mean", "sum", "std_dev", "min", "max", "distribution"} <= set(num)
+    buckets = num["distribution"]["kll"]["buckets"]
+    assert len(buckets) == 10 and abs(sum(b["count"] for b in buckets) - 10_000) < 1e-3
+    assert set(buckets[0]) == {"lower_bound", "upper_bound", "count"}
+    violations = out["constraint_violations.json"]["violations"]
+    drifted = [v for v in violations if v["constraint_check_type"] == "baseline_drift_check"]
+    assert {v["device_id"] for v in drifted} == {"moved", "(fleet)"}
+    assert all(set(v) >= {"feature_name", "constraint_check_type", "description"} for v in violations)
+    assert drifted[0]["description"].startswith("Baseline drift distance: ")
+
+
+def test_cloudwatch_metrics_per_feature_with_model_and_version(tmp_path, moto_endpoint, monkeypatch):
+    import boto3
+
+    from cloud import cloudwatch
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    fleet = Fleet(tmp_path)
+    fleet.add("moved", np.random.default_rng(12).normal(1, 1, 5_000))
+    report, _ = fleet.review()
+    client = boto3.client("cloudwatch", endpoint_url=moto_endpoint)
+    namespace = f"edgeloop-test-{tmp_path.name}"
+    sent = cloudwatch.publish([report], client, namespace)
+    metrics = {m["MetricName"]: m for m in client.list_metrics(Namespace=namespace)["Metrics"]}
+    assert len(metrics) == sent
+    assert {"feature_baseline_drift_f", "score_baseline_drift", "outlier_rate", "devices_drift"} <= set(metrics)
+    assert metrics["feature_baseline_drift_f"]["Dimensions"] == [{"Name": "Model", "Value": "m"},
+                                                                {"Name": "Version", "Value": "1.0.0"}]
+    got = client.get_metric_statistics(Namespace=namespace, MetricName="feature_baseline_drift_f",
+                                       Dimensions=metrics["feature_baseline_drift_f"]["Dimensions"],
+                                       StartTime=report.until - timedelta(hours=1),
+                                       EndTime=report.until + timedelta(hours=1), Period=3600, Statistics=["Maximum"])
+    assert got["Datapoints"][0]["Maximum"] == pytest.approx(report.fleet.features[0].ks)
 
 
 def test_a_summary_under_another_devices_key_is_not_counted(tmp_path):
     """The store's IAM policy scopes a device's writes to keys with its own name; the review trusts
     the key, so a device cannot speak for another by naming it inside the summary."""
-    from cloud.drift import fleet_drift
-    from edge_runtime.contracts import baseline_key, summary_key
-    from edge_runtime.store import LocalStore
-
-    store = LocalStore(tmp_path)
-    store.put(baseline_key("m", "1.0.0"), window("training", BASE, 0).model_dump_json().encode())
-    honest = window("d1", np.random.default_rng(4).normal(0, 1, 500), 1)
-    forged = window("d1", np.random.default_rng(5).normal(3, 1, 500), 2)  # claims d1, written by d2
-    store.put(summary_key("m", "1.0.0", "d1", honest.window_start), honest.model_dump_json().encode())
-    store.put(summary_key("m", "1.0.0", "d2", forged.window_start), forged.model_dump_json().encode())
-    (report,), warnings = fleet_drift(store)
+    fleet = Fleet(tmp_path)
+    honest = window("d1", {"f": np.random.default_rng(4).normal(0, 1, 500)}, T0)
+    forged = window("d1", {"f": np.random.default_rng(5).normal(3, 1, 500)}, T0 + timedelta(hours=1))
+    fleet.store.put(summary_key("m", "1.0.0", "d1", honest.window_start), honest.model_dump_json().encode())
+    fleet.store.put(summary_key("m", "1.0.0", "d2", forged.window_start), forged.model_dump_json().encode())
+    report, warnings = fleet.review()
     assert [(d.device_id, d.windows) for d in report.devices] == [("d1", 1)]
     assert len(warnings) == 1 and "device=d2" in warnings[0] and "'d1'" in warnings[0]
