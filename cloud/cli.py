@@ -17,9 +17,13 @@ def _train(args) -> int:
 
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     result = train(args.data, args.out, name=args.name, version=args.version, features=features,
-                   target_fpr=args.fpr, components=args.components, seed=args.seed)
+                   target_fpr=args.fpr, components=args.components, seed=args.seed, missing=args.missing)
     card = result.card
     print(f"trained {card.name} {card.version} on {card.train_rows} rows, features {card.features}")
+    gaps = card.missing_values
+    if gaps.get("rows_dropped") or gaps.get("imputed"):
+        imputed = ", ".join(f"{n} {v['count']}" for n, v in gaps["imputed"].items()) or "none"
+        print(f"missing values: {gaps['rows_dropped']} rows dropped, imputed (median): {imputed}")
     print(f"threshold {card.outlier.threshold:.4f} (target FPR {card.outlier.target_false_positive_rate:.2%}, "
           f"held-out FPR {result.holdout_fpr:.2%}) -> {result.out_dir}")
     return 0
@@ -239,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     p.add_argument("--components", type=int, default=3, help="Gaussian mixture components")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--missing", default="impute", help="gaps (empty, non-numeric, nan, inf cells): impute (the "
+                   "median) or drop (the row), for all features or per feature: impute,humidity=drop")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compile", help="check, optimise and bundle a trained model")

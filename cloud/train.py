@@ -38,8 +38,22 @@ class TrainResult:
     holdout_fpr: float
 
 
-def read_numeric_csv(path: str | Path, features: list[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """Numeric feature columns of a CSV; rows with an empty or non-numeric cell are dropped."""
+@dataclass
+class TrainingData:
+    """The feature matrix as read: NaN where a cell was empty or not a finite number."""
+
+    names: list[str]
+    X: np.ndarray  # float64, rows x features
+    missing: dict[str, int]  # empty or non-numeric cells per feature
+    nonfinite: dict[str, int]  # nan or inf per feature
+    skipped: int = 0  # rows too short for the header
+
+
+MISSING_POLICIES = ("impute", "drop")
+
+
+def read_training_csv(path: str | Path, features: list[str] | None = None) -> TrainingData:
+    """Numeric feature columns of a CSV; what is missing or not finite is kept as NaN and counted."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
@@ -61,17 +75,73 @@ def read_numeric_csv(path: str | Path, features: list[str] | None = None) -> tup
         if not names:
             raise TrainingError(f"{path}: no numeric feature columns")
     idx = [header.index(n) for n in names]
-    data = []
+    data, skipped = [], 0
+    missing, nonfinite = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for row in rows:
-        try:
-            values = [float(row[i]) for i in idx]
-        except (ValueError, IndexError):
+        if len(row) <= max(idx):
+            skipped += 1
             continue
-        if all(math.isfinite(v) for v in values):
-            data.append(values)
-    if len(data) < 100:
-        raise TrainingError(f"{path}: only {len(data)} complete numeric rows; need at least 100")
-    return names, np.asarray(data, dtype=np.float32)
+        values = []
+        for name, i in zip(names, idx):
+            try:
+                v = float(row[i])
+            except ValueError:
+                missing[name] += 1
+                v = math.nan
+            else:
+                if not math.isfinite(v):
+                    nonfinite[name] += 1
+                    v = math.nan
+            values.append(v)
+        data.append(values)
+    return TrainingData(names, np.asarray(data, dtype=np.float64).reshape(-1, len(names)), missing, nonfinite,
+                        skipped)
+
+
+def parse_missing_policy(text: str | None, names: list[str]) -> dict[str, str]:
+    """``impute`` / ``drop`` for every feature, or ``default,feature=policy,...`` (default: impute)."""
+    policy = dict.fromkeys(names, "impute")
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        feature, sep, value = part.rpartition("=")
+        if value not in MISSING_POLICIES:
+            raise TrainingError(f"missing-value policy {value!r}: choose {' or '.join(MISSING_POLICIES)}")
+        if not sep:
+            policy = dict.fromkeys(names, value)
+        elif feature not in policy:
+            raise TrainingError(f"missing-value policy names {feature!r}, which is not a feature")
+        else:
+            policy[feature] = value
+    return policy
+
+
+def apply_missing_policy(data: TrainingData, policy: dict[str, str]) -> tuple[np.ndarray, dict]:
+    """Rows with a gap in a ``drop`` feature go; gaps in ``impute`` features take the median of the
+    kept rows. Returns the complete matrix and what was done, for the training card."""
+    X = data.X
+    bad = ~np.isfinite(X)
+    drop_cols = [j for j, n in enumerate(data.names) if policy[n] == "drop"]
+    keep = ~bad[:, drop_cols].any(axis=1) if drop_cols else np.ones(len(X), dtype=bool)
+    X = X[keep].copy()
+    report = {"policy": policy, "rows_read": int(len(data.X)), "rows_dropped": int((~keep).sum()),
+              "rows_skipped": data.skipped, "missing": data.missing, "nonfinite": data.nonfinite, "imputed": {}}
+    for j, n in enumerate(data.names):
+        gaps = ~np.isfinite(X[:, j])
+        if gaps.any():
+            finite = X[~gaps, j]
+            if not len(finite):
+                raise TrainingError(f"feature {n!r} has no finite value to impute from")
+            X[gaps, j] = float(np.median(finite))
+            report["imputed"][n] = {"count": int(gaps.sum()), "value": float(np.median(finite))}
+    if len(X) < 100:
+        raise TrainingError(f"only {len(X)} usable rows after the missing-value policy; need at least 100")
+    return X.astype(np.float32), report
+
+
+def read_numeric_csv(path: str | Path, features: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Numeric feature columns of a CSV, rows with any gap dropped (the ``drop`` policy for all)."""
+    data = read_training_csv(path, features)
+    X, _ = apply_missing_policy(data, dict.fromkeys(data.names, "drop"))
+    return data.names, X
 
 
 def _is_numeric_column(rows: list[list[str]], i: int) -> bool:
@@ -91,11 +161,21 @@ def quantile_edges(values: np.ndarray, bins: int = HIST_BINS) -> list[float]:
 
 
 def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scores: np.ndarray,
-                  outliers: int) -> WindowSummary:
+                  outliers: int, raw: TrainingData | None = None) -> WindowSummary:
+    """The training data in the window-summary format. With ``raw``, each feature is summarised as
+    read (gaps counted as missing or non-finite, as a device counts them), on the training rows'
+    bins, so the review compares devices with the data as it came."""
     now = datetime.now(timezone.utc)
-    features: dict[str, NumericSummary] = {
-        n: summarise(X[:, j], quantile_edges(X[:, j])) for j, n in enumerate(names)
-    }
+    features: dict[str, NumericSummary] = {}
+    for j, n in enumerate(names):
+        edges = quantile_edges(X[:, j])
+        if raw is None:
+            features[n] = summarise(X[:, j], edges)
+            continue
+        column = raw.X[:, j]
+        s = summarise(column[np.isfinite(column)].astype(np.float32), edges)
+        s.missing, s.nonfinite, s.nan = raw.missing[n], raw.nonfinite[n], raw.nonfinite[n]
+        features[n] = s
     return WindowSummary(
         model_name=name, model_version=version, device_id="training",
         window_start=now, window_end=now, records=len(X), outliers=outliers,
@@ -105,7 +185,7 @@ def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scor
 
 def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers",
           version: str = "1.0.0", features: list[str] | None = None, target_fpr: float = 0.01,
-          components: int = 3, holdout: float = 0.2, seed: int = 0) -> TrainResult:
+          components: int = 3, holdout: float = 0.2, seed: int = 0, missing: str | None = None) -> TrainResult:
     import onnxruntime as ort
     from skl2onnx import to_onnx
     from sklearn.mixture import GaussianMixture
@@ -114,7 +194,9 @@ def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers
 
     if not 0 < target_fpr < 0.5:
         raise TrainingError(f"target FPR must be in (0, 0.5), got {target_fpr}")
-    names, X = read_numeric_csv(data, features)
+    raw = read_training_csv(data, features)
+    names = raw.names
+    X, missing_report = apply_missing_policy(raw, parse_missing_policy(missing, names))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(X))
     n_hold = max(int(len(X) * holdout), 50)
@@ -144,7 +226,8 @@ def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(onnx_model.SerializeToString())
-    baseline = make_baseline(name, version, names, X_train, train_scores, int((train_scores > threshold).sum()))
+    baseline = make_baseline(name, version, names, X_train, train_scores, int((train_scores > threshold).sum()),
+                             raw=raw)
     (out / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
     np.save(out / SAMPLES_FILE, X_hold[:256])
     card = TrainingCard(
@@ -154,7 +237,7 @@ def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers
         outlier=OutlierRule(threshold=threshold, target_false_positive_rate=target_fpr,
                             calibration_rows=int(n_hold)),
         algorithm=f"StandardScaler+GaussianMixture(n_components={components}, covariance=full)",
-        train_rows=len(X_train),
+        train_rows=len(X_train), missing_values=missing_report,
     )
     (out / "training.json").write_text(json.dumps(card.model_dump(), indent=1))
     return TrainResult(out, card, float((hold_scores > threshold).mean()))

@@ -25,6 +25,8 @@ class TrainingCard(BaseModel):
     outlier: OutlierRule
     algorithm: str
     train_rows: int
+    # the missing-value policy per feature and what it did (rows dropped, values imputed)
+    missing_values: dict = {}
 
 
 def load_card(directory: str | Path) -> TrainingCard:

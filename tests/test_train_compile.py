@@ -101,3 +101,36 @@ def test_csv_reading_picks_numeric_columns_and_drops_bad_rows(tmp_path):
     (tmp_path / "tiny.csv").write_text("a\n1\n2\n")
     with pytest.raises(TrainingError, match="at least 100"):
         train(tmp_path / "tiny.csv", tmp_path / "m")
+
+
+def test_missing_values_follow_a_stated_policy_and_reach_the_baseline(tmp_path):
+    """Gaps are never dropped silently: imputed or dropped per feature, counted in the training
+    card, and counted in the baseline as a device would count them."""
+    rng = np.random.default_rng(0)
+    X = synthetic.training_frame(3000, seed=2)
+    lines = ["temperature,humidity,pressure,vibration,current,rpm"]
+    gaps = {"temperature": 0, "humidity": 0}
+    for i, row in enumerate(X):
+        cells = [f"{v:.4f}" for v in row]
+        if rng.random() < 0.05:
+            cells[0], gaps["temperature"] = "", gaps["temperature"] + 1
+        if i % 50 == 0:
+            cells[1], gaps["humidity"] = "nan", gaps["humidity"] + 1
+        lines.append(",".join(cells))
+    data = tmp_path / "gaps.csv"
+    data.write_text("\n".join(lines) + "\n")
+    result = train(data, tmp_path / "m", missing="impute,humidity=drop")
+    report = result.card.missing_values
+    assert report["policy"]["temperature"] == "impute" and report["policy"]["humidity"] == "drop"
+    assert report["rows_dropped"] == gaps["humidity"]
+    assert report["missing"]["temperature"] == gaps["temperature"]
+    assert report["nonfinite"]["humidity"] == gaps["humidity"]
+    assert 0 < report["imputed"]["temperature"]["count"] <= gaps["temperature"]
+    baseline = json.loads((tmp_path / "m" / "baseline.json").read_text())
+    assert baseline["features"]["temperature"]["missing"] == gaps["temperature"]
+    assert baseline["features"]["humidity"]["nonfinite"] == gaps["humidity"]
+    assert baseline["features"]["temperature"]["count"] == 3000 - gaps["temperature"]
+    with pytest.raises(TrainingError, match="choose impute or drop"):
+        train(data, tmp_path / "m2", missing="guess")
+    with pytest.raises(TrainingError, match="not a feature"):
+        train(data, tmp_path / "m3", missing="speed=drop")
