@@ -169,11 +169,16 @@ def _fleet_drift(args) -> int:
     thresholds = Thresholds(alpha=args.alpha, drift_ks=args.drift_ks, warn_ks=args.warn_ks, min_count=args.min_rows,
                             quality_rate=args.quality_rate)
     bar = _progress("reading summaries") if sys.stderr.isatty() else None
-    reports, warnings = fleet_drift(
-        store, baselines, thresholds, since=when(args.since), until=when(args.until),
-        last=None if args.all or args.since else parse_span(args.last),
-        cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None,
-        workers=args.workers, progress=bar)
+    client = _dask_client(args.dask) if args.dask else None
+    try:
+        reports, warnings = fleet_drift(
+            store, baselines, thresholds, since=when(args.since), until=when(args.until),
+            last=None if args.all or args.since else parse_span(args.last),
+            cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None,
+            workers=args.workers, progress=bar, dask=client)
+    finally:
+        if client is not None:
+            client.close()
     if bar:
         print(file=sys.stderr)
     for w in warnings:
@@ -205,6 +210,17 @@ def _fleet_drift(args) -> int:
         sent = cloudwatch.publish(reports, boto3.client("cloudwatch"), args.cloudwatch)
         print(f"{sent} CloudWatch metrics sent to namespace {args.cloudwatch}")
     return 0
+
+
+def _dask_client(address: str):
+    """A Dask client: ``local`` or ``local:N`` starts a LocalCluster of N worker processes here;
+    anything else is a scheduler's address (``tcp://host:8786``)."""
+    from distributed import Client, LocalCluster
+
+    if address.startswith("local"):
+        workers = int(address.partition(":")[2] or os.cpu_count() or 2)
+        return Client(LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None))
+    return Client(address)
 
 
 def _progress(label: str):
@@ -334,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-rate", type=float, default=0.02,
                    help="data-quality shares above the baseline's by this much are flagged (0.02)")
     p.add_argument("--min-rows", type=int, default=50, help="fewer values: no verdict")
-    p.add_argument("--workers", type=int, default=8, help="summaries read in parallel")
+    p.add_argument("--workers", type=int, default=8, help="summaries read in parallel (per Dask task)")
+    p.add_argument("--dask", metavar="ADDRESS", help="spread the devices over a Dask cluster: a scheduler "
+                   "address, or local[:N] for N local worker processes")
     p.add_argument("--limit", type=int, help="show at most this many devices in the table")
     p.add_argument("--brief", action="store_true", help="one line per device")
     p.set_defaults(func=_fleet_drift)

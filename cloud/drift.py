@@ -232,16 +232,20 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
                 thresholds: Thresholds = Thresholds(), since: datetime | None = None,
                 until: datetime | None = None, last: timedelta | None = timedelta(days=1),
                 cycle_s: int | None = None, workers: int = 8,
-                progress: Callable[[int, int], None] | None = None) -> tuple[list[ModelDrift], list[str]]:
+                progress: Callable[[int, int], None] | None = None,
+                dask=None) -> tuple[list[ModelDrift], list[str]]:
     """Review every (model, version) in the store over [since, until): by default the last day
-    of data (``last``; None: all of it). Returns the reports and warnings."""
+    of data (``last``; None: all of it). Returns the reports and warnings.
+
+    ``dask``: a ``distributed.Client`` to spread the devices over its workers; the verdicts (one
+    false-discovery correction over the whole fleet) are made here, from the workers' results."""
     listing = list_summaries(store)
     warnings: list[str] = []
     reports = []
     total = sum(len(k) for devices in listing.values() for k in devices.values())
     done = [0]
 
-    def tick(n: int = 1) -> None:
+    def tick(n: int = 1) -> None:  # noqa: D401 - progress, as summaries are read or skipped
         done[0] += n
         if progress:
             progress(done[0], total)
@@ -253,16 +257,37 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
             tick(sum(len(k) for k in devices.values()))
             continue
         report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
-                               cycle_s, workers, warnings, tick)
+                               cycle_s, workers, warnings, tick, dask)
         report.expected_outlier_rate = expected_outlier_rate(store, model, version)
         _judge(report, thresholds)
         reports.append(report)
     return reports, warnings
 
 
-def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
-                  warnings, tick) -> ModelDrift:
-    starts = [s for keys in devices.values() for s, _ in keys]
+@dataclass
+class Plan:
+    """What every part of one model version's review shares: the range, the grids, the baseline."""
+
+    model: str
+    version: str
+    since: datetime
+    until: datetime
+    cycle: timedelta | None
+    base: dict[str, st.Profile]
+    thresholds: Thresholds
+
+
+@dataclass
+class Partial:
+    """The review of some devices: their results, the fleet's share of them, the hourly series."""
+
+    devices: list[DeviceDrift] = field(default_factory=list)
+    fleet: _Device = field(default_factory=lambda: _Device("(fleet)"))
+    hours: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s) -> Plan:
     if until is None:  # the end of the newest window: read it
         newest = max((s, k) for keys in devices.values() for s, k in keys)
         try:
@@ -272,38 +297,71 @@ def _review_model(store, model, version, baseline, devices, t, since, until, las
     if since is None and last is not None:
         since = until - last
     if since is None:
-        since = min(starts)
-    cycle = timedelta(seconds=cycle_s) if cycle_s else None
-    grids = {name: st.grid_for(s) for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items()}
-    base = {name: st.Profile(grid) for name, grid in grids.items()}
+        since = min(s for keys in devices.values() for s, _ in keys)
+    base = {}
     for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items():
+        base[name] = st.Profile(st.grid_for(s))
         base[name].add_summary(s)
-    report = ModelDrift(model, version, since, until, [], cycle_s=cycle_s)
-    fleet_state = _Device("(fleet)")
-    seen: dict[tuple, str] = {}
-    hours: dict[datetime, dict] = {}
-    for device, keys in sorted(devices.items()):
-        chosen = sorted(k for s, k in keys if since <= s < until)
-        tick(len(keys) - len(chosen))
-        state = _Device(device)
-        for key, data in _read(store, chosen, workers):
-            tick()
-            _take(state, key, data, model, version, since, until, cycle, grids, seen, warnings, hours)
+    return Plan(model, version, since, until, timedelta(seconds=cycle_s) if cycle_s else None, base, t)
+
+
+def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], workers: int = 8,
+                   tick: Callable[[int], None] = lambda n=1: None) -> Partial:
+    """Stream the given devices' summaries (keys already chosen for the range) into results.
+    Runs in-process, or on a Dask worker for a share of the fleet (``store`` may then be a URL)."""
+    if isinstance(store, tuple):
+        from edge_runtime.store import open_store
+
+        store = open_store(*store)
+    part = Partial()
+    grids = {name: p.grid for name, p in plan.base.items()}
+    for device, keys in devices:
+        state, seen = _Device(device), {}
+        for key, data in _read(store, keys, workers):
+            tick(1)
+            _take(state, key, data, plan.model, plan.version, plan.since, plan.until, plan.cycle, grids, seen,
+                  part.warnings, part.hours)
         if not state.windows:
             continue
-        report.devices.append(_device_result(state, base, cycle, until, since, t))
-        for bucket in _complete_buckets(state, cycle, until, since):
-            _add_bucket(fleet_state, bucket)
-        fleet_state.windows += state.windows
-        fleet_state.records += state.records
-        fleet_state.rejected += state.rejected
-        fleet_state.outliers += state.outliers
-    if fleet_state.windows:
-        fleet_state.first = min(d.first for d in report.devices)
-        fleet_state.last = max(d.last for d in report.devices)
-        report.fleet = _device_result(fleet_state, base, None, until, since, t)
-        current = fleet_state.buckets.get(0, {})
-        for name, b in base.items():
+        part.devices.append(_device_result(state, plan.base, plan.cycle, plan.until, plan.since, plan.thresholds))
+        for bucket in _complete_buckets(state, plan.cycle, plan.until, plan.since):
+            _add_bucket(part.fleet, bucket)
+        _add_counts(part.fleet, state)
+    return part
+
+
+def _add_counts(target: _Device, other: _Device) -> None:
+    target.windows += other.windows
+    target.records += other.records
+    target.rejected += other.rejected
+    target.outliers += other.outliers
+    if other.first is not None:
+        target.first = min(target.first or other.first, other.first)
+    if other.last is not None:
+        target.last = max(target.last or other.last, other.last)
+
+
+def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[ModelDrift, list[str]]:
+    report = ModelDrift(plan.model, plan.version, plan.since, plan.until, [], cycle_s=cycle_s)
+    fleet, hours, warnings = _Device("(fleet)"), {}, []
+    for part in parts:
+        report.devices += part.devices
+        warnings += part.warnings
+        if part.fleet.buckets:
+            _add_bucket(fleet, part.fleet.buckets[0])
+        _add_counts(fleet, part.fleet)
+        for hour, v in part.hours.items():
+            h = hours.setdefault(hour, {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
+                                        "counts": defaultdict(int)})
+            for k in ("records", "rejected", "outliers"):
+                h[k] += v[k]
+            for n in v["counts"]:
+                h["sums"][n] += v["sums"][n]
+                h["counts"][n] += v["counts"][n]
+    if fleet.windows:
+        report.fleet = _device_result(fleet, plan.base, None, plan.until, plan.since, plan.thresholds)
+        current = fleet.buckets.get(0, {})
+        for name, b in plan.base.items():
             c = current.get(name)
             pick = sorted({int(i) for i in np.linspace(0, len(b.grid) - 1, 64)})
             report.distributions[name] = {"x": b.grid[pick].tolist(), "baseline_cdf": b.cdf[pick].tolist(),
@@ -312,7 +370,58 @@ def _review_model(store, model, version, baseline, devices, t, since, until, las
     report.timeline = [{"hour": h, "records": v["records"], "rejected": v["rejected"], "outliers": v["outliers"],
                         "means": {n: v["sums"][n] / v["counts"][n] for n in sorted(v["counts"])}}
                        for h, v in sorted(hours.items())]
+    return report, warnings
+
+
+def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
+                  warnings, tick, dask=None) -> ModelDrift:
+    plan = _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s)
+    chosen = []
+    for device, keys in sorted(devices.items()):
+        picked = sorted(k for s, k in keys if plan.since <= s < plan.until)
+        tick(len(keys) - len(picked))
+        if picked:
+            chosen.append((device, picked))
+    shares = _shares(chosen)
+    if dask is None:
+        parts = [review_devices(store, plan, share, workers, tick) for share in shares]
+    else:
+        parts = _on_dask(dask, store, plan, shares, workers, tick)
+    report, more = _combine(plan, parts, cycle_s)
+    warnings += more
     return report
+
+
+SHARE_SUMMARIES = 2000  # a unit of work: fixed, so the same store always splits (and sums) the same way
+
+
+def _shares(chosen: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str]]]]:
+    """Whole devices in order, about ``SHARE_SUMMARIES`` summaries a share. The fleet's sums are
+    made share by share in this order, in-process or on any cluster, so the numbers never depend
+    on where the review ran."""
+    shares, share, size = [], [], 0
+    for device in chosen:
+        share.append(device)
+        size += len(device[1])
+        if size >= SHARE_SUMMARIES:
+            shares.append(share)
+            share, size = [], 0
+    return shares + ([share] if share else [])
+
+
+def _on_dask(client, store, plan: Plan, shares, workers: int, tick) -> list[Partial]:
+    """One task per share on a Dask cluster; each opens the store itself (a URL travels, a
+    connection does not). Results come back in share order."""
+    from distributed import as_completed
+
+    spec = (store.url, getattr(store, "endpoint_url", None))
+    plan_future = client.scatter(plan, broadcast=True)
+    futures = [client.submit(review_devices, spec, plan_future, share, workers, pure=False) for share in shares]
+    sizes = {f.key: sum(len(k) for _, k in share) for f, share in zip(futures, shares)}
+    for future in as_completed(futures):
+        future.result()  # raises here if the task failed
+        tick(sizes[future.key])
+    return [f.result() for f in futures]
 
 
 def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings, hours) -> None:

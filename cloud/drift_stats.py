@@ -10,7 +10,7 @@ no KLL sketch is merged, so the same store always gives the same numbers.
 From a profile and the baseline's:
 
 * ``ks``: the Kolmogorov-Smirnov distance on the grid, and ``ks_adjusted``: less both sketches'
-  rank error, so sketch noise alone never reads as drift however large the sample;
+  rank errors, so sketch noise alone never reads as drift however large the sample;
 * ``ks_pvalue``: the two-sample test on the adjusted distance, with the effective sample size
   ``n m / (n + m)``; ``robust_linf``: SageMaker Model Monitor's robust L-infinity distance, the
   distance less its critical value at the test's level;
@@ -49,7 +49,9 @@ def grid_for(baseline: NumericSummary) -> np.ndarray:
 
 
 def _rank_error(sketch) -> float:
-    return float(sketch.normalized_rank_error(False)) if sketch.is_estimation_mode() else 0.0
+    """The sketch's rank error bound for its k, counted even while it is still exact: otherwise a
+    window that grows past exact mode would make the adjusted distance, and the verdict, milder."""
+    return float(sketch.normalized_rank_error(False))
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Profile:
     m2: float = 0.0  # sum of squared deviations, merged by Chan's formula
     min: float = math.inf
     max: float = -math.inf
+    bins: list[int] | None = field(default=None, repr=False)  # a baseline's PSI bin edges, once computed
 
     def __post_init__(self) -> None:
         if self.cdf_mass is None:
@@ -126,8 +129,9 @@ def ks(base: Profile, cur: Profile) -> float:
 
 
 def ks_adjusted(base: Profile, cur: Profile) -> float:
-    """The KS distance less what the two sketches' rank errors (and the grid) could account for."""
-    return max(0.0, ks(base, cur) - base.rank_error - cur.rank_error - 1.0 / (GRID_RANKS - 1))
+    """The KS distance less what the two sketches' rank errors could account for (independent
+    errors: their root sum of squares). The grid only ever understates the distance."""
+    return max(0.0, ks(base, cur) - math.hypot(base.rank_error, cur.rank_error))
 
 
 def kolmogorov_sf(lam: float) -> float:
@@ -160,19 +164,22 @@ def robust_linf(d: float, n: int, m: int, alpha: float) -> float:
     return max(0.0, d - ks_critical(n, m, alpha))
 
 
+def bin_edges(base: Profile, bins: int = PSI_BINS) -> list[int]:
+    """Bins from the baseline (indices into the grid of right-closed edges): its deciles, a bin of
+    its own for every point mass (a value holding more than half a bin), the gaps between, and
+    both tails. Computed once per baseline."""
+    if base.bins is None:
+        grid, bcdf = base.grid, base.cdf
+        edges = [int(np.searchsorted(bcdf, t, side="left")) for t in np.linspace(0, 1, bins + 1)[1:-1]]
+        masses = np.nonzero(np.diff(np.concatenate([[0.0], bcdf])) > 0.5 / bins)[0]
+        edges += [int(i) for i in masses] + [int(i) - 1 for i in masses if i > 0]  # the point, and just below it
+        base.bins = sorted({min(max(e, 0), len(grid) - 1) for e in edges} | {0, len(grid) - 1})
+    return base.bins
+
+
 def bin_masses(profile: Profile, base: Profile, bins: int = PSI_BINS) -> np.ndarray:
-    """Masses in bins from the baseline: its deciles, a bin of its own for every point mass (a
-    value holding more than half a bin), the gaps between, and both tails."""
-    grid, bcdf = base.grid, base.cdf
-    edges: list[int] = []  # indices into grid of right-closed edges
-    targets = np.linspace(0, 1, bins + 1)[1:-1]
-    edges += [int(np.searchsorted(bcdf, t, side="left")) for t in targets]
-    jumps = np.diff(np.concatenate([[0.0], bcdf]))
-    edges += [i for i in np.nonzero(jumps > 0.5 / bins)[0]]  # the point itself ...
-    edges += [i - 1 for i in np.nonzero(jumps > 0.5 / bins)[0] if i > 0]  # ... and just below it
-    edges = sorted({min(max(e, 0), len(grid) - 1) for e in edges} | {0, len(grid) - 1})
-    cdf = profile.cdf
-    at = np.concatenate([[0.0], cdf[edges], [1.0]])  # below the lowest grid point, ..., above the top
+    """The profile's mass in each of the baseline's bins (``bin_edges``), tails included."""
+    at = np.concatenate([[0.0], profile.cdf[bin_edges(base, bins)], [1.0]])
     return np.clip(np.diff(at), 0.0, None)
 
 

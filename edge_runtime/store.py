@@ -132,7 +132,7 @@ class S3Store:
         if not self.bucket:
             raise ValueError(f"no bucket in {url!r}")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.url = url
+        self.url, self.endpoint_url = url, endpoint_url
         self.multipart_threshold = multipart_threshold
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.part_size = max(8 << 20, multipart_threshold // 2)
