@@ -237,11 +237,67 @@ def _progress(label: str):
     return update
 
 
+def _retrain(args) -> int:
+    from cloud.registry import fetch_bundle
+    from cloud.retrain import retrain
+    from edge_runtime.store import open_store
+
+    store = open_store(args.store, args.endpoint_url) if args.store else None
+    champion = args.champion
+    if champion is None:
+        if store is None or not args.model or not args.version:
+            print("edgeloop retrain: error: give --champion BUNDLE, or --store with --model and --version",
+                  file=sys.stderr)
+            return 2
+        champion = fetch_bundle(store, args.model, args.version, Path(args.out) / "champion")
+    result = retrain(args.data, champion, args.out, args.new_version, store=store, approve=args.approve,
+                     seed=args.seed, missing=args.missing)
+    print(f"champion {result.champion.version}: worst KS {result.champion.worst_ks:.3f}, flagged "
+          f"{result.champion.flagged_rate:.2%}; challenger {result.challenger.version}: worst KS "
+          f"{result.challenger.worst_ks:.3f}, flagged {result.challenger.flagged_rate:.2%} "
+          f"(target {result.challenger.target_rate:.2%})")
+    if not result.better:
+        print("the challenger is not better: not registered")
+        return 1
+    print(f"better: {result.reason}")
+    if result.registered:
+        print(f"registered {result.challenger.version} ({result.approval})")
+    if args.build_component:
+        from cloud.components import build_model, project_root, read_gdk_config
+
+        runtime, _ = read_gdk_config(project_root())
+        built = build_model(result.bundle, Path(args.build_dir), runtime, project_root())
+        print(f"built {built.name} {built.version}: {built.recipe}; next: edgeloop component publish "
+              f"--component {built.name}, then edgeloop deploy --model-version {built.version}")
+    return 0
+
+
+def _fleet_watch(args) -> int:
+    from cloud.drift import parse_span
+    from cloud.watch import watch
+    from edge_runtime.store import open_store
+
+    store = open_store(args.store, args.endpoint_url)
+    sagemaker = None
+    if args.sagemaker_pipeline:
+        import boto3
+
+        sagemaker = boto3.client("sagemaker")
+    watch(store, parse_span(args.every).total_seconds(), rounds=1 if args.once else None,
+          state_path=Path(args.out) / "watch-state.json", data=args.data, out_dir=Path(args.out),
+          min_devices=args.min_devices, cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None,
+          pipeline=args.sagemaker_pipeline, sagemaker=sagemaker, store_url=args.store)
+    return 0
+
+
 def _demo(args) -> int:
     from cloud.demo import run_demo
 
     result = run_demo(args.workdir, devices=args.devices, rows=args.rows, seed=args.seed)
-    ok = sorted(result.drifted_found) == sorted(result.drifted_expected)
+    expected = sorted(result.drifted_expected)
+    ok = sorted(result.drifted_found) == expected
+    if expected:  # the loop closed: the retrained model went out and the drift cleared
+        ok = ok and result.retrained is not None and result.cleared == expected and not result.still_drifted
     return 0 if ok else 1
 
 
@@ -356,6 +412,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="show at most this many devices in the table")
     p.add_argument("--brief", action="store_true", help="one line per device")
     p.set_defaults(func=_fleet_drift)
+
+    p = fleet.add_parser("watch", help="review on a schedule; retrain when drift crosses the line")
+    p.add_argument("--store", required=True)
+    p.add_argument("--endpoint-url")
+    p.add_argument("--every", default="1h", help="between reviews (default 1h)")
+    p.add_argument("--once", action="store_true", help="one review, then exit (for cron or a scheduler)")
+    p.add_argument("--min-devices", type=int, default=1, help="flagged devices that start a retraining")
+    p.add_argument("--cycle", help="the data's cycle, e.g. 24h")
+    p.add_argument("--data", help="fresh records (CSV) to retrain on here")
+    p.add_argument("--sagemaker-pipeline", metavar="NAME", help="start this SageMaker pipeline instead")
+    p.add_argument("--out", default="edgeloop-watch", help="challengers and the watch's state")
+    p.set_defaults(func=_fleet_watch)
+
+    p = sub.add_parser("retrain", help="train a challenger on fresh data; register it if it beats the champion")
+    p.add_argument("--data", required=True, help="fresh records, CSV with the model's feature columns")
+    p.add_argument("--champion", help="the champion's bundle directory")
+    p.add_argument("--store", help="the registry's store (champion from it with --model/--version; winner to it)")
+    p.add_argument("--endpoint-url")
+    p.add_argument("--model")
+    p.add_argument("--version", help="the champion's version")
+    p.add_argument("--new-version", required=True, help="the challenger's version")
+    p.add_argument("--out", default="edgeloop-retrain")
+    p.add_argument("--approve", action="store_true", help="register the winner as Approved (default: pending)")
+    p.add_argument("--build-component", action="store_true", help="also build the winner's model component")
+    p.add_argument("--build-dir", default="greengrass-build")
+    p.add_argument("--missing", default="impute")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_retrain)
 
     p = sub.add_parser("demo", help="the whole loop on a simulated fleet, no cloud account needed")
     p.add_argument("--workdir", default="edgeloop-demo")

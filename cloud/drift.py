@@ -18,7 +18,8 @@ How a verdict is reached (``Thresholds`` holds every number):
   out-of-range shares, against the baseline's; **the outlier rate** against the rate the threshold
   was calibrated for. Each is a one-sided binomial test (in the same correction) with an effect
   gate; a flagged data-quality check makes the device ``data-quality``, a flagged outlier rate
-  counts as drift.
+  ``outliers`` (the model flags far more than it was calibrated to: the data or the process
+  changed), unless a distribution drifted too.
 * Fewer than ``min_count`` values: no verdict (``too-few``).
 
 The same store gives the same numbers (no sketch is merged), and more data never makes a verdict
@@ -52,7 +53,7 @@ from edge_runtime.store import ObjectNotFound, ObjectStore
 from . import drift_stats as st
 
 SCORE_ROW = "(outlier score)"
-SEVERITY = {"drift": 4, "data-quality": 3, "warn": 2, "ok": 1, "short": 0, "too-few": 0}
+SEVERITY = {"drift": 5, "outliers": 4, "data-quality": 3, "warn": 2, "ok": 1, "short": 0, "too-few": 0}
 KEY_RE = re.compile(r"model=(?P<model>[^/]+)/version=(?P<version>[^/]+)/device=(?P<device>[^/]+)/"
                     r"date=[^/]+/(?P<stamp>\d{8}T\d{6}Z)")
 
@@ -64,7 +65,7 @@ class Thresholds:
     warn_ks: float = 0.025
     min_count: int = 50  # values of a feature below which it gets no verdict
     quality_rate: float = 0.02  # data-quality shares must exceed the baseline's by this much
-    outlier_factor: float = 2.0  # outlier rate at least this times the calibrated one ...
+    outlier_factor: float = 3.0  # outlier rate at least this times the calibrated one ...
     outlier_excess: float = 0.005  # ... and this much above it
     ks_alpha: float = 0.05  # the level of Model Monitor's robust L-infinity distance (reported)
 
@@ -594,8 +595,10 @@ def _device_verdict(d: DeviceDrift) -> None:
     reasons = [f"{f.feature}: drift (KS {f.ks:.3f}, PSI {f.psi:.2f})" for f in d.features if f.verdict == "drift"]
     flagged = [c for c in d.checks if c.verdict != "ok"]
     reasons += [f"{c.name} {c.rate:.1%} (expected {c.expected:.1%})" for c in flagged]
-    if "drift" in verdicts or any(c.kind == "outliers" for c in flagged):
+    if "drift" in verdicts:
         d.verdict = "drift"
+    elif any(c.kind == "outliers" for c in flagged):
+        d.verdict = "outliers"
     elif flagged:
         d.verdict = "data-quality"
     elif "warn" in verdicts:

@@ -19,7 +19,7 @@ from .drift import SCORE_ROW, SEVERITY, DeviceDrift, FeatureDrift, ModelDrift
 MAX_DEVICES = 50  # rows in the device table and bars in the device chart
 MAX_FEATURES = 30  # charts per feature
 MAX_POINTS = 720  # points on a timeline chart (30 days of hours)
-COLOURS = {"drift": "#c62828", "data-quality": "#e65100", "warn": "#f9a825", "ok": "#2e7d32",
+COLOURS = {"drift": "#c62828", "outliers": "#ad1457", "data-quality": "#e65100", "warn": "#f9a825", "ok": "#2e7d32",
            "short": "#78909c", "too-few": "#b0bec5"}
 BASELINE, CURRENT = "#1565c0", "#c62828"
 

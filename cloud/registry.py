@@ -38,3 +38,49 @@ def register(bundle_dir: str | Path, store: ObjectStore) -> str:
     store.put(baseline_key(m.name, m.version), (bundle.root / m.baseline_file).read_bytes())
     store.put(key, manifest_bytes)  # last: a manifest in the registry means the files are there
     return key
+
+
+APPROVAL_FILE = "approval.json"
+APPROVAL_STATES = ("PendingManualApproval", "Approved", "Rejected")  # SageMaker Model Registry's words
+
+
+def set_approval(store: ObjectStore, name: str, version: str, status: str, note: str = "") -> None:
+    """Record a registered version's approval (publishing a model component wants Approved)."""
+    import json
+    from datetime import datetime, timezone
+
+    if status not in APPROVAL_STATES:
+        raise RegistryError(f"approval {status!r}: choose one of {', '.join(APPROVAL_STATES)}")
+    try:
+        store.get(model_key(name, version, MANIFEST_FILE))
+    except ObjectNotFound:
+        raise RegistryError(f"{name} {version} is not registered") from None
+    doc = {"status": status, "note": note, "at": datetime.now(timezone.utc).isoformat()}
+    store.put(model_key(name, version, APPROVAL_FILE), json.dumps(doc).encode())
+
+
+def approval(store: ObjectStore, name: str, version: str) -> str | None:
+    import json
+
+    try:
+        return json.loads(store.get(model_key(name, version, APPROVAL_FILE)))["status"]
+    except ObjectNotFound:
+        return None
+
+
+def fetch_bundle(store: ObjectStore, name: str, version: str, dest: str | Path) -> Path:
+    """A registered version's bundle, downloaded and checked (checksums) into ``dest``."""
+    import json
+
+    try:
+        manifest = store.get(model_key(name, version, MANIFEST_FILE))
+    except ObjectNotFound:
+        raise RegistryError(f"{name} {version} is not registered") from None
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in json.loads(manifest)["files"]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(store.get(model_key(name, version, rel)))
+    (dest / MANIFEST_FILE).write_bytes(manifest)
+    load_bundle(dest)  # the checksums must hold
+    return dest

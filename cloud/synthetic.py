@@ -80,20 +80,22 @@ def write_training_csv(path: str | Path, rows: int = 20_000, seed: int = 7) -> P
 
 
 def device_stream(device_id: str, rows: int, seed: int, anomaly_rate: float = 0.02,
-                  drift: Drift | None = None) -> DeviceStream:
+                  drift: Drift | None = None, offset: int = 0, drift_from: int | None = None) -> DeviceStream:
+    """``rows`` records a minute apart, from ``offset`` minutes after the fleet's start; a drift
+    starts at row ``drift_from`` (default: halfway)."""
     rng = np.random.default_rng(seed)
-    ts = START_TS + STEP_S * np.arange(rows)
+    ts = START_TS + STEP_S * (offset + np.arange(rows))
     X = _sensors(rng, ts, bias=0.05 * rng.standard_normal())
     drifted = np.zeros(rows, dtype=bool)
     if drift is not None:
-        drifted[rows // 2:] = True
+        drifted[(rows // 2 if drift_from is None else drift_from):] = True
         j = FEATURES.index(drift.feature)
         X[drifted, j] += drift.shift_sd * _SD[j]
     anomaly = rng.random(rows) < anomaly_rate
     for i in np.flatnonzero(anomaly):
         cols = rng.choice(len(FEATURES), size=rng.integers(1, 3), replace=False)
         X[i, cols] += rng.choice([-1, 1], size=len(cols)) * rng.uniform(5, 8, size=len(cols)) * _SD[cols]
-    ids = [f"{device_id}-{i:06d}" for i in range(rows)]
+    ids = [f"{device_id}-{offset + i:06d}" for i in range(rows)]
     return DeviceStream(device_id, ts, X, anomaly, drifted, drift, ids)
 
 

@@ -8,20 +8,24 @@ from cloud.demo import run_demo
 
 
 def test_demo_finds_the_drifted_devices_and_the_anomalies(tmp_path):
-    result = run_demo(tmp_path / "demo", devices=5, rows=1440, seed=11, echo=lambda *_: None)
+    result = run_demo(tmp_path / "demo", devices=5, rows=2880, seed=11, echo=lambda *_: None)
     assert sorted(result.drifted_found) == ["dev-02", "dev-04"]
     assert result.drifted_features["dev-02"] == ["temperature"]
-    assert result.drifted_features["dev-04"] == ["vibration"]
+    assert result.drifted_features["dev-04"] == ["temperature"]
+    # the loop closed: a challenger retrained on the cohort went to it, and the next day reads ok
+    assert result.retrained == "1.0.1", result.retrain_reason
+    assert result.cleared == ["dev-02", "dev-04"] and result.still_drifted == []
     assert result.recall >= 0.8
     assert result.false_positive_rate <= 0.02
     assert result.rejected == 5 * 4
     doc = json.loads(result.drift_json.read_text())
     assert doc["models"][0]["drifted_devices"] == ["dev-02", "dev-04"]
 
-    # the same store, reviewed again through the CLI, gives the same verdicts
+    # the store, reviewed again through the CLI over the drifted day, gives the same verdicts
     out = tmp_path / "again.json"
     proc = subprocess.run([sys.executable, "-m", "cloud.cli", "fleet", "drift", "--store",
-                           str(tmp_path / "demo" / "store"), "--json", str(out)], capture_output=True, text=True)
+                           str(tmp_path / "demo" / "store"), "--json", str(out), "--until", "2026-11-03T00:00:00Z",
+                           "--cycle", "24h"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "drifted devices: dev-02, dev-04" in proc.stdout
     assert json.loads(out.read_text())["models"][0]["drifted_devices"] == ["dev-02", "dev-04"]

@@ -163,7 +163,7 @@ def test_rejections_and_outliers_count_toward_the_verdict(tmp_path):
     assert "rejected records 30.0%" in " ".join(device(report, "rejecting").reasons)
     gone = device(report, "all-rejected")  # never scored a record, and still in the review
     assert gone.verdict == "data-quality" and gone.records == 0 and gone.rejected == 800
-    assert device(report, "outliers").verdict == "drift"
+    assert device(report, "outliers").verdict == "outliers"
     assert any("outlier rate 5.0%" in r for r in device(report, "outliers").reasons)
     assert device(report, "nan").verdict == "data-quality"
     assert any("f: non-finite" in r for r in device(report, "nan").reasons)
