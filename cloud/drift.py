@@ -259,6 +259,10 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
             continue
         report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
                                cycle_s, workers, warnings, tick, dask)
+        if not report.devices:
+            warnings.append(f"{model} {version}: no summaries between {report.since:%Y-%m-%d %H:%M} and "
+                            f"{report.until:%Y-%m-%d %H:%M} UTC")
+            continue
         report.expected_outlier_rate = expected_outlier_rate(store, model, version)
         _judge(report, thresholds)
         reports.append(report)

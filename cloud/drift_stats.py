@@ -48,10 +48,18 @@ def grid_for(baseline: NumericSummary) -> np.ndarray:
     return np.unique(np.concatenate([base, np.nextafter(base, np.float32(-np.inf))])).astype(np.float64)
 
 
-def _rank_error(sketch) -> float:
-    """The sketch's rank error bound for its k, counted even while it is still exact: otherwise a
-    window that grows past exact mode would make the adjusted distance, and the verdict, milder."""
-    return float(sketch.normalized_rank_error(False))
+_RANK_ERRORS: dict[int, float] = {}
+
+
+def rank_error(k: int) -> float:
+    """A KLL sketch's single-rank error bound (99% confidence) for its k, counted even while the
+    sketch is still exact: otherwise a window that grows past exact mode would make the adjusted
+    distance, and the verdict, milder."""
+    if k not in _RANK_ERRORS:
+        from datasketches import kll_floats_sketch
+
+        _RANK_ERRORS[k] = float(kll_floats_sketch.get_normalized_rank_error(k, False))
+    return _RANK_ERRORS[k]
 
 
 @dataclass
@@ -97,8 +105,10 @@ class Profile:
             return
         sketch = decode_sketch(s)
         cdf = np.asarray(sketch.get_cdf(self.grid, inclusive=True), dtype=np.float64)[: len(self.grid)]
-        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, cdf * s.count,
-                  _rank_error(sketch) * s.count, s.min, s.max)
+        # count x CDF is a sum of the sketch's integer weights: rounded, every sum of them is exact,
+        # so the fleet's numbers do not depend on the order windows and devices were added in
+        mass, k = np.rint(cdf * s.count), sketch.k
+        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, rank_error(k) * s.count, s.min, s.max)
 
     def add(self, other: Profile) -> None:
         self.missing += other.missing

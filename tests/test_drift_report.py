@@ -30,10 +30,13 @@ ROW_RE = re.compile(r'<tr class="v-([\w-]+)"><td class="l id">([^<]*)</td>')
 
 @pytest.fixture(scope="module")
 def reviewed(tmp_path_factory):
-    """A real fleet of three devices, dev-02 drifted in temperature, reviewed whole cycles at a time."""
+    """A real fleet of three devices, dev-02 drifted in temperature, reviewed whole cycles at a time
+    over the day it drifted (the demo goes on to retrain it, and a third day clears it)."""
     work = tmp_path_factory.mktemp("report")
     run_demo(work / "demo", devices=3, rows=2880, seed=1, echo=lambda *_: None)
-    reports, warnings = fleet_drift(LocalStore(work / "demo" / "store"), cycle_s=synthetic.CYCLE_S)
+    drifted_day_end = datetime.fromtimestamp(synthetic.START_TS + 2 * synthetic.CYCLE_S, timezone.utc)
+    reports, warnings = fleet_drift(LocalStore(work / "demo" / "store"), cycle_s=synthetic.CYCLE_S,
+                                    until=drifted_day_end)
     assert [d.device_id for d in reports[0].devices if d.verdict == "drift"] == ["dev-02"]
     return work, reports, warnings
 
