@@ -7,7 +7,9 @@ devices write them) to a local store, then, each in a fresh process so peak memo
 
 1. baseline: read and decode every summary (``load_summary``), nothing else: the least a review
    that looks at every summary can cost;
-2. review: ``fleet_drift`` over the whole history (profiles, tests, verdicts for every device).
+2. review: ``fleet_drift`` over the whole history (profiles, tests, verdicts for every device);
+3. with ``--dask N``: the same review on a Dask LocalCluster of N worker processes (start-up
+   excluded; memory is the driver's).
 
 Prints one JSON document; docs/benchmarks.md records the runs.
 """
@@ -66,27 +68,32 @@ def make_store(root: Path, devices: int, windows: int, features: int) -> None:
             store.put(summary_key("m", "1.0.0", s.device_id, s.window_start, instance="i0"), encode(s))
 
 
-def child(mode: str, root: str, workers: int) -> None:
+def child(mode: str, root: str, workers: int, dask_workers: int = 0) -> None:
     from cloud.drift import fleet_drift
     from edge_runtime.contracts import SUMMARY_PREFIX, load_summary
     from edge_runtime.store import LocalStore
 
     store = LocalStore(root)
+    client = None
+    if mode == "dask":
+        from distributed import Client, LocalCluster
+
+        client = Client(LocalCluster(n_workers=dask_workers, threads_per_worker=1, dashboard_address=None))
     start = time.perf_counter()
     if mode == "decode":
         n = sum(1 for key in store.list(SUMMARY_PREFIX) if load_summary(store.get(key), key))
         detail = {"summaries": n}
     else:
-        (report,), warnings = fleet_drift(store, last=None, workers=workers)
+        (report,), warnings = fleet_drift(store, last=None, workers=workers, dask=client)
         detail = {"devices": len(report.devices), "drift": len(report.drifted_devices), "warnings": len(warnings)}
     elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": elapsed, "peak_mb": peak_mb, **detail}))
 
 
-def run_child(mode: str, root: Path, workers: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--workers", str(workers)],
-                         capture_output=True, text=True, check=True)
+def run_child(mode: str, root: Path, workers: int, dask_workers: int = 0) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--workers", str(workers),
+                          "--dask", str(dask_workers)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,11 +103,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--dask", type=int, default=0, help="also review on a LocalCluster of this many workers")
     parser.add_argument("--child")
     parser.add_argument("--root")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.root, args.workers)
+        return child(args.child, args.root, args.workers, args.dask)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
         t = time.perf_counter()
@@ -109,6 +117,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         decode = run_child("decode", root, args.workers)
         review = run_child("review", root, args.workers)
+        dask = run_child("dask", root, args.workers, args.dask) if args.dask else None
     n = args.devices * args.windows
     print(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "summaries": n, "features": args.features,
@@ -118,6 +127,8 @@ def main() -> None:
         "review_s": round(review["seconds"], 2), "review_peak_mb": round(review["peak_mb"]),
         "review_x_decode": round(review["seconds"] / decode["seconds"], 2),
         "review": {k: v for k, v in review.items() if k not in ("seconds", "peak_mb")},
+        **({"dask_workers": args.dask, "dask_s": round(dask["seconds"], 2),
+            "dask_x_decode": round(dask["seconds"] / decode["seconds"], 2)} if dask else {}),
     }, indent=1))
 
 

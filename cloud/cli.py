@@ -168,14 +168,25 @@ def _fleet_drift(args) -> int:
         baselines[(b.model_name, b.model_version)] = b
     thresholds = Thresholds(alpha=args.alpha, drift_ks=args.drift_ks, warn_ks=args.warn_ks, min_count=args.min_rows,
                             quality_rate=args.quality_rate)
-    bar = _progress("reading summaries") if sys.stderr.isatty() else None
+    if args.sagemaker and (args.dask or not (args.sagemaker_role and args.sagemaker_image)):
+        print("--sagemaker needs --sagemaker-role and --sagemaker-image, and excludes --dask", file=sys.stderr)
+        return 2
+    bar = _progress("reading summaries") if sys.stderr.isatty() and not args.sagemaker else None
     client = _dask_client(args.dask) if args.dask else None
+    review = dict(baselines=baselines, thresholds=thresholds, since=when(args.since), until=when(args.until),
+                  last=None if args.all or args.since else parse_span(args.last),
+                  cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None, workers=args.workers)
     try:
-        reports, warnings = fleet_drift(
-            store, baselines, thresholds, since=when(args.since), until=when(args.until),
-            last=None if args.all or args.since else parse_span(args.last),
-            cycle_s=int(parse_span(args.cycle).total_seconds()) if args.cycle else None,
-            workers=args.workers, progress=bar, dask=client)
+        if args.sagemaker:
+            from cloud.drift_sagemaker import SageMakerJobError
+
+            try:
+                reports, warnings = _on_sagemaker(args, review)
+            except SageMakerJobError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        else:
+            reports, warnings = fleet_drift(store, **review, progress=bar, dask=client)
     finally:
         if client is not None:
             client.close()
@@ -210,6 +221,25 @@ def _fleet_drift(args) -> int:
         sent = cloudwatch.publish(reports, boto3.client("cloudwatch"), args.cloudwatch)
         print(f"{sent} CloudWatch metrics sent to namespace {args.cloudwatch}")
     return 0
+
+
+def _on_sagemaker(args, review: dict):
+    """The review with the summaries read by one SageMaker Processing job (cloud/drift_sagemaker.py)."""
+    from cloud.drift import parse_span
+    from cloud.drift_sagemaker import review_on_sagemaker
+
+    def status(job: str, state: str, seconds: float) -> None:
+        print(f"SageMaker processing job {job}: {state} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
+
+    def ids(text: str | None) -> list[str] | None:
+        return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+    return review_on_sagemaker(
+        args.store, args.sagemaker_role, args.sagemaker_image, args.sagemaker_instance_type,
+        args.sagemaker_instances, args.sagemaker, endpoint_url=args.endpoint_url, poll_s=args.sagemaker_poll,
+        timeout_s=parse_span(args.sagemaker_timeout).total_seconds(), job_name=args.sagemaker_job_name,
+        subnets=ids(args.sagemaker_subnets), security_group_ids=ids(args.sagemaker_security_groups),
+        progress=status, **review)
 
 
 def _dask_client(address: str):
@@ -411,6 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "address, or local[:N] for N local worker processes")
     p.add_argument("--limit", type=int, help="show at most this many devices in the table")
     p.add_argument("--brief", action="store_true", help="one line per device")
+    p.add_argument("--sagemaker", metavar="S3_PREFIX", help="read the summaries in one SageMaker Processing job "
+                   "instead, its files under this s3://bucket/prefix (with --sagemaker-role, --sagemaker-image)")
+    p.add_argument("--sagemaker-role", metavar="ARN", help="the role the processing job runs as: reads the store "
+                   "and the job prefix, writes the job's output/")
+    p.add_argument("--sagemaker-image", metavar="URI", help="ECR image with Python 3.11 and the project's "
+                   "dependencies (not the project: its code travels with the job); see cloud/drift_sagemaker.py")
+    p.add_argument("--sagemaker-instance-type", default="ml.m5.xlarge", help="(default ml.m5.xlarge)")
+    p.add_argument("--sagemaker-instances", type=int, default=2,
+                   help="processing instances, at most one per share of the fleet (default 2)")
+    p.add_argument("--sagemaker-timeout", default="6h", help="stop the job after this long (default 6h)")
+    p.add_argument("--sagemaker-poll", type=float, default=30.0, help="seconds between status checks (default 30)")
+    p.add_argument("--sagemaker-job-name", help="default: edgeloop-drift-<UTC time>-<random>")
+    p.add_argument("--sagemaker-subnets", help="comma-separated subnet ids: run the job in this VPC")
+    p.add_argument("--sagemaker-security-groups", help="comma-separated security group ids (with --sagemaker-subnets)")
     p.set_defaults(func=_fleet_drift)
 
     p = fleet.add_parser("watch", help="review on a schedule; retrain when drift crosses the line")

@@ -259,13 +259,8 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
             continue
         report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
                                cycle_s, workers, warnings, tick, dask)
-        if not report.devices:
-            warnings.append(f"{model} {version}: no summaries between {report.since:%Y-%m-%d %H:%M} and "
-                            f"{report.until:%Y-%m-%d %H:%M} UTC")
-            continue
-        report.expected_outlier_rate = expected_outlier_rate(store, model, version)
-        _judge(report, thresholds)
-        reports.append(report)
+        if finish(store, report, thresholds, warnings):
+            reports.append(report)
     return reports, warnings
 
 
@@ -381,13 +376,7 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
 def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
                   warnings, tick, dask=None) -> ModelDrift:
     plan = _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s)
-    chosen = []
-    for device, keys in sorted(devices.items()):
-        picked = sorted(k for s, k in keys if plan.since <= s < plan.until)
-        tick(len(keys) - len(picked))
-        if picked:
-            chosen.append((device, picked))
-    shares = _shares(chosen)
+    shares = _shares(chosen_keys(plan, devices, tick))
     if dask is None:
         parts = [review_devices(store, plan, share, workers, tick) for share in shares]
     else:
@@ -395,6 +384,29 @@ def _review_model(store, model, version, baseline, devices, t, since, until, las
     report, more = _combine(plan, parts, cycle_s)
     warnings += more
     return report
+
+
+def chosen_keys(plan: Plan, devices: dict[str, list[tuple[datetime, str]]],
+                tick: Callable[[int], None] = lambda n=1: None) -> list[tuple[str, list[str]]]:
+    """Per device, in order, the keys whose window starts inside the plan's range."""
+    chosen = []
+    for device, keys in sorted(devices.items()):
+        picked = sorted(k for s, k in keys if plan.since <= s < plan.until)
+        tick(len(keys) - len(picked))
+        if picked:
+            chosen.append((device, picked))
+    return chosen
+
+
+def finish(store: ObjectStore, report: ModelDrift, t: Thresholds, warnings: list[str]) -> bool:
+    """Judge a combined report; False (and a warning) when the range held nothing of it."""
+    if not report.devices:
+        warnings.append(f"{report.model_name} {report.model_version}: no summaries between "
+                        f"{report.since:%Y-%m-%d %H:%M} and {report.until:%Y-%m-%d %H:%M} UTC")
+        return False
+    report.expected_outlier_rate = expected_outlier_rate(store, report.model_name, report.model_version)
+    _judge(report, t)
+    return True
 
 
 SHARE_SUMMARIES = 2000  # a unit of work: fixed, so the same store always splits (and sums) the same way

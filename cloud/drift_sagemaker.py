@@ -46,10 +46,10 @@ from .drift import (
     Plan,
     Thresholds,
     _combine,
-    _judge,
     _plan,
     _shares,
-    expected_outlier_rate,
+    chosen_keys,
+    finish,
     list_summaries,
     load_baseline,
     review_devices,
@@ -114,8 +114,9 @@ def review_on_sagemaker(store_url: str, role_arn: str, image_uri: str, instance_
     instances (at most one per share). ``session``: anything with ``.client(name)`` (a
     ``boto3.Session`` by default) for the sagemaker and S3 clients; ``endpoint_url`` is the store's.
     ``progress(job, status, seconds)`` after each poll. Returns the reports and warnings."""
-    if not work_prefix.startswith("s3://"):
-        raise ValueError(f"work prefix {work_prefix!r}: expected s3://bucket/prefix")
+    for what, url in (("store", store_url), ("work prefix", work_prefix)):
+        if not url.startswith("s3://"):  # the job's instances read and write these themselves
+            raise ValueError(f"{what} {url!r}: a SageMaker job needs s3://bucket/prefix")
     if session is None:
         import boto3
 
@@ -160,12 +161,7 @@ def _prepare(store, baselines, t, since, until, last, cycle_s) -> tuple[list[_Ve
             continue
         v.plan = _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s)
         v.plan_id = f"plan-{len(versions) - 1:04d}"
-        chosen = []
-        for device, keys in sorted(devices.items()):
-            picked = sorted(k for s, k in keys if v.plan.since <= s < v.plan.until)
-            if picked:
-                chosen.append((device, picked))
-        for share in _shares(chosen):
+        for share in _shares(chosen_keys(v.plan, devices)):
             v.shares.append(len(shares))
             shares.append((v.plan_id, share))
     return versions, shares
@@ -296,9 +292,8 @@ def _judge_all(store, versions: list[_Version], parts: dict[int, Partial],
             continue
         report, more = _combine(v.plan, [parts[i] for i in v.shares], cycle_s)
         warnings += more
-        report.expected_outlier_rate = expected_outlier_rate(store, v.model, v.version)
-        _judge(report, v.plan.thresholds)
-        reports.append(report)
+        if finish(store, report, v.plan.thresholds, warnings):
+            reports.append(report)
     return reports, warnings
 
 

@@ -33,6 +33,7 @@ from edge_runtime.store import LocalStore, open_store
 
 ROLE = "arn:aws:iam::123456789012:role/edgeloop-drift"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/edgeloop-drift:py311"
+SPAN = {"since": T0, "until": T0 + timedelta(hours=4)}
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -110,8 +111,9 @@ def s3(moto_endpoint, monkeypatch):
 
 @pytest.fixture
 def fleet_url(tmp_path, s3, moto_endpoint, monkeypatch) -> str:
-    """Two model versions with baselines (one with drift, one replayed-under-another-key summary),
-    one without: built like test_drift's fleets, then put in S3."""
+    """Two model versions with baselines (one with drift and a summary under another device's key),
+    one without a baseline, one with nothing in the range the tests review (``SPAN``): built like
+    test_drift's fleets, then put in S3."""
     monkeypatch.setattr(drift, "SHARE_SUMMARIES", 10)  # several shares per model version
     fleet = Fleet(tmp_path / "local", fpr=0.01)
     rng = np.random.default_rng(40)
@@ -124,10 +126,13 @@ def fleet_url(tmp_path, s3, moto_endpoint, monkeypatch) -> str:
     edges2 = {"f": quantile_edges(base2)}
     b2 = window("training", {"f": base2, SCORE_ROW: np.abs(BASE[:20_000])}, T0, edges=edges2, model="m2")
     fleet.store.put(baseline_key("m2", "1.0.0"), b2.model_dump_json().encode())
-    for model, n in (("m2", 4), ("m3", 1)):
+    b4 = window("training", {"f": base2, SCORE_ROW: np.abs(BASE[:20_000])}, T0, edges=edges2, model="m4")
+    fleet.store.put(baseline_key("m4", "1.0.0"), b4.model_dump_json().encode())
+    for model, n, start in (("m2", 4, T0), ("m3", 1, T0), ("m4", 1, T0 + timedelta(days=2))):
         for i in range(n):
             for h in range(4):
-                w = window(f"e{i}", {"f": rng.normal(10, 2, 300)}, T0 + timedelta(hours=h), edges=edges2, model=model)
+                w = window(f"e{i}", {"f": rng.normal(10, 2, 300)}, start + timedelta(hours=h), edges=edges2,
+                           model=model)
                 fleet.store.put(summary_key(model, "1.0.0", f"e{i}", w.window_start, instance="i0"),
                                 w.model_dump_json().encode())
     client, bucket = s3
@@ -227,7 +232,7 @@ def sagemaker_client():
 
 def test_the_review_on_sagemaker_matches_fleet_drift(fleet_url, s3, moto_endpoint, tmp_path):
     client, bucket = s3
-    expected, expected_warnings = fleet_drift(open_store(fleet_url, moto_endpoint), last=None, workers=2)
+    expected, expected_warnings = fleet_drift(open_store(fleet_url, moto_endpoint), **SPAN, workers=2)
     job = "edgeloop-drift-test-1"
     base = f"s3://{bucket}/work/{job}"
     sm = sagemaker_client()
@@ -264,11 +269,11 @@ def test_the_review_on_sagemaker_matches_fleet_drift(fleet_url, s3, moto_endpoin
     with stub:
         reports, warnings = dsm.review_on_sagemaker(
             fleet_url, ROLE, IMAGE, "ml.m5.xlarge", 2, f"s3://{bucket}/work/", Session(s3=client, sagemaker=fake),
-            endpoint_url=moto_endpoint, last=None, workers=2, poll_s=0, timeout_s=900, job_name=job,
+            endpoint_url=moto_endpoint, **SPAN, workers=2, poll_s=0, timeout_s=900, job_name=job,
             progress=lambda *a: seen.append(a))
         stub.assert_no_pending_responses()
     assert report_json(reports) == report_json(expected)
-    assert warnings == expected_warnings and len(warnings) == 2  # m3 has no baseline; d99's key names d00
+    assert warnings == expected_warnings and len(warnings) == 3  # d99's key names d00; no baseline; m4 not in range
     assert [r.model_name for r in reports] == ["m", "m2"] and reports[0].drifted_devices == ["d03"]
     assert [(name, status) for name, status, _ in seen] == [(job, "InProgress")] * 2 + [(job, "Completed")]
     listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"work/{job}/")["Contents"]]
@@ -293,7 +298,7 @@ def test_a_failed_job_raises_with_its_reason(fleet_url, s3, moto_endpoint):
     with stub, pytest.raises(dsm.SageMakerJobError, match=r"failed: AlgorithmError: see job logs\. exit code: 1; "
                                                           r"the container said: StoreError: s3://fleet: AccessDenied"):
         dsm.review_on_sagemaker(fleet_url, ROLE, IMAGE, "ml.m5.xlarge", 1, f"s3://{bucket}/work",
-                                Session(s3=client, sagemaker=fake), endpoint_url=moto_endpoint, last=None, poll_s=0)
+                                Session(s3=client, sagemaker=fake), endpoint_url=moto_endpoint, **SPAN, poll_s=0)
     job = fake.request["ProcessingJobName"]
     assert re.fullmatch(r"edgeloop-drift-\d{8}-\d{6}-[0-9a-f]{6}", job)
     code = client.get_object(Bucket=bucket, Key=f"work/{job}/code/edgeloop-code.zip")["Body"].read()
@@ -316,7 +321,7 @@ def test_a_job_past_its_timeout_is_stopped(fleet_url, s3, moto_endpoint, monkeyp
     stub.add_response("stop_processing_job", {}, {"ProcessingJobName": job})
     with stub, pytest.raises(dsm.SageMakerJobError, match="still InProgress after 30 s: stopped it"):
         dsm.review_on_sagemaker(fleet_url, ROLE, IMAGE, "ml.m5.xlarge", 2, f"s3://{bucket}/work",
-                                Session(s3=client, sagemaker=sm), endpoint_url=moto_endpoint, last=None,
+                                Session(s3=client, sagemaker=sm), endpoint_url=moto_endpoint, **SPAN,
                                 poll_s=10, timeout_s=30, job_name=job)
     stub.assert_no_pending_responses()
 
@@ -332,10 +337,15 @@ def test_a_share_without_a_result_is_refused_and_named(fleet_url, s3, moto_endpo
                                                            drop=("partial-00002.json",)))
     with stub, pytest.raises(dsm.SageMakerJobError) as err:
         dsm.review_on_sagemaker(fleet_url, ROLE, IMAGE, "ml.m5.xlarge", 2, f"s3://{bucket}/work",
-                                Session(s3=client, sagemaker=fake), endpoint_url=moto_endpoint, last=None,
+                                Session(s3=client, sagemaker=fake), endpoint_url=moto_endpoint, **SPAN,
                                 poll_s=0, job_name=job)
     assert "without a result for 1 of 7 shares: share-00002 (3 devices, d06 .. d08)" in str(err.value)
     assert f"s3://{bucket}/work/{job}/output/" in str(err.value)
+
+
+def test_a_store_the_job_cannot_reach_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="store .*: a SageMaker job needs s3://bucket/prefix"):
+        dsm.review_on_sagemaker(str(tmp_path), ROLE, IMAGE, "ml.m5.xlarge", 1, "s3://b/work", Session())
 
 
 def test_the_entry_point_reports_why_it_failed(tmp_path, monkeypatch):
