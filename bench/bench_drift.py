@@ -9,7 +9,9 @@ devices write them) to a local store, then, each in a fresh process so peak memo
    that looks at every summary can cost;
 2. review: ``fleet_drift`` over the whole history (profiles, tests, verdicts for every device);
 3. with ``--dask N``: the same review on a Dask LocalCluster of N worker processes (start-up
-   excluded; memory is the driver's).
+   excluded; memory is the driver's);
+4. compaction: the review writing a roll-up per whole device-day (``--compact``), then the same
+   review again, which reads the roll-ups (with ``--windows 24`` every device has a whole day).
 
 Prints one JSON document; docs/benchmarks.md records the runs.
 """
@@ -84,7 +86,7 @@ def child(mode: str, root: str, workers: int, dask_workers: int = 0) -> None:
         n = sum(1 for key in store.list(SUMMARY_PREFIX) if load_summary(store.get(key), key))
         detail = {"summaries": n}
     else:
-        (report,), warnings = fleet_drift(store, last=None, workers=workers, dask=client)
+        (report,), warnings = fleet_drift(store, last=None, workers=workers, dask=client, compact=mode == "compact")
         detail = {"devices": len(report.devices), "drift": len(report.drifted_devices), "warnings": len(warnings)}
     elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -118,6 +120,8 @@ def main() -> None:
         decode = run_child("decode", root, args.workers)
         review = run_child("review", root, args.workers)
         dask = run_child("dask", root, args.workers, args.dask) if args.dask else None
+        compact = run_child("compact", root, args.workers)
+        warm = run_child("review", root, args.workers)
     n = args.devices * args.windows
     print(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "summaries": n, "features": args.features,
@@ -129,6 +133,9 @@ def main() -> None:
         "review": {k: v for k, v in review.items() if k not in ("seconds", "peak_mb")},
         **({"dask_workers": args.dask, "dask_s": round(dask["seconds"], 2),
             "dask_x_decode": round(dask["seconds"] / decode["seconds"], 2)} if dask else {}),
+        "compacting_review_s": round(compact["seconds"], 2),
+        "review_from_rollups_s": round(warm["seconds"], 2), "rollups_peak_mb": round(warm["peak_mb"]),
+        "rollups_x_decode": round(warm["seconds"] / decode["seconds"], 3),
     }, indent=1))
 
 

@@ -186,7 +186,7 @@ def _fleet_drift(args) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
         else:
-            reports, warnings = fleet_drift(store, **review, progress=bar, dask=client)
+            reports, warnings = fleet_drift(store, **review, progress=bar, dask=client, compact=args.compact)
     finally:
         if client is not None:
             client.close()
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "address, or local[:N] for N local worker processes")
     p.add_argument("--limit", type=int, help="show at most this many devices in the table")
     p.add_argument("--brief", action="store_true", help="one line per device")
+    p.add_argument("--compact", action="store_true", help="write a roll-up of every whole device-day read, so "
+                   "later reviews read one object per device and day (rebuilt when a day's summaries change)")
     p.add_argument("--sagemaker", metavar="S3_PREFIX", help="read the summaries in one SageMaker Processing job "
                    "instead, its files under this s3://bucket/prefix (with --sagemaker-role, --sagemaker-image)")
     p.add_argument("--sagemaker-role", metavar="ARN", help="the role the processing job runs as: reads the store "

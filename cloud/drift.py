@@ -55,7 +55,7 @@ from . import drift_stats as st
 SCORE_ROW = "(outlier score)"
 SEVERITY = {"drift": 5, "outliers": 4, "data-quality": 3, "warn": 2, "ok": 1, "short": 0, "too-few": 0}
 KEY_RE = re.compile(r"model=(?P<model>[^/]+)/version=(?P<version>[^/]+)/device=(?P<device>[^/]+)/"
-                    r"date=[^/]+/(?P<stamp>\d{8}T\d{6}Z)")
+                    r"date=(?P<date>[^/]+)/(?P<stamp>\d{8}T\d{6}Z)")
 
 
 @dataclass(frozen=True)
@@ -234,12 +234,13 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
                 until: datetime | None = None, last: timedelta | None = timedelta(days=1),
                 cycle_s: int | None = None, workers: int = 8,
                 progress: Callable[[int, int], None] | None = None,
-                dask=None) -> tuple[list[ModelDrift], list[str]]:
+                dask=None, compact: bool = False) -> tuple[list[ModelDrift], list[str]]:
     """Review every (model, version) in the store over [since, until): by default the last day
     of data (``last``; None: all of it). Returns the reports and warnings.
 
     ``dask``: a ``distributed.Client`` to spread the devices over its workers; the verdicts (one
-    false-discovery correction over the whole fleet) are made here, from the workers' results."""
+    false-discovery correction over the whole fleet) are made here, from the workers' results.
+    ``compact``: write a roll-up for every whole day read (``rollups``); later reviews read those."""
     listing = list_summaries(store)
     warnings: list[str] = []
     reports = []
@@ -258,7 +259,7 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
             tick(sum(len(k) for k in devices.values()))
             continue
         report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
-                               cycle_s, workers, warnings, tick, dask)
+                               cycle_s, workers, warnings, tick, dask, compact)
         if finish(store, report, thresholds, warnings):
             reports.append(report)
     return reports, warnings
@@ -275,6 +276,7 @@ class Plan:
     cycle: timedelta | None
     base: dict[str, st.Profile]
     thresholds: Thresholds
+    baseline_id: str = ""  # names the baseline, for roll-ups (``rollups``)
 
 
 @dataclass
@@ -302,13 +304,20 @@ def _plan(store, model, version, baseline, devices, t, since, until, last, cycle
     for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items():
         base[name] = st.Profile(st.grid_for(s))
         base[name].add_summary(s)
-    return Plan(model, version, since, until, timedelta(seconds=cycle_s) if cycle_s else None, base, t)
+    from .rollups import baseline_id
+
+    return Plan(model, version, since, until, timedelta(seconds=cycle_s) if cycle_s else None, base, t,
+                baseline_id(baseline))
 
 
 def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], workers: int = 8,
-                   tick: Callable[[int], None] = lambda n=1: None) -> Partial:
-    """Stream the given devices' summaries (keys already chosen for the range) into results.
-    Runs in-process, or on a Dask worker for a share of the fleet (``store`` may then be a URL)."""
+                   tick: Callable[[int], None] = lambda n=1: None, compact: bool = False) -> Partial:
+    """Stream the given devices' summaries (keys already chosen for the range) into results, a
+    day at a time: a whole day inside the range is read from its roll-up when one matches, and
+    with ``compact`` one is written for every whole day read. Runs in-process, or on a Dask worker
+    or in a SageMaker job for a share of the fleet (``store`` may then be a URL and endpoint)."""
+    from . import rollups
+
     if isinstance(store, tuple):
         from edge_runtime.store import open_store
 
@@ -316,11 +325,31 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
     part = Partial()
     grids = {name: p.grid for name, p in plan.base.items()}
     for device, keys in devices:
-        state, seen = _Device(device), {}
-        for key, data in _read(store, keys, workers):
-            tick(1)
-            _take(state, key, data, plan.model, plan.version, plan.since, plan.until, plan.cycle, grids, seen,
-                  part.warnings, part.hours)
+        state = _Device(device)
+        by_day: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            m = KEY_RE.search(key)
+            by_day[m["date"] if m else ""].append(key)
+        for day, day_keys in sorted(by_day.items()):
+            whole = bool(plan.baseline_id) and _whole_day(plan, day)
+            rkey = rollups.rollup_key(plan.model, plan.version, device, day, plan.baseline_id) if whole else ""
+            found = rollups.load(store, rkey, day_keys) if whole else None
+            if found is not None:
+                day_state, day_hours, day_warnings = found
+                _rebucket(day_state, plan, day)
+                tick(len(day_keys))
+            else:
+                day_state, day_hours, day_warnings, seen = _Device(device), {}, [], {}
+                cut = False
+                for key, data in _read(store, day_keys, workers):
+                    tick(1)
+                    cut |= _take(day_state, key, data, plan.model, plan.version, plan.since, plan.until, plan.cycle,
+                                 grids, seen, day_warnings, day_hours) == "out of range"
+                if whole and compact and not cut:
+                    rollups.save(store, rkey, day_keys, day_state, day_hours, day_warnings)
+            _merge_state(state, day_state)
+            _merge_hours(part.hours, day_hours)
+            part.warnings += day_warnings
         if not state.windows:
             continue
         part.devices.append(_device_result(state, plan.base, plan.cycle, plan.until, plan.since, plan.thresholds))
@@ -328,6 +357,50 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
             _add_bucket(part.fleet, bucket)
         _add_counts(part.fleet, state)
     return part
+
+
+def _whole_day(plan: Plan, day: str) -> bool:
+    """The UTC day lies inside the range, and (with a cycle) inside one cycle of it."""
+    try:
+        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return False
+    end = start + timedelta(days=1)
+    if start < plan.since or end > plan.until:
+        return False
+    return plan.cycle is None or (plan.until - end) % plan.cycle + timedelta(days=1) <= plan.cycle
+
+
+def _rebucket(day: _Device, plan: Plan, date: str) -> None:
+    """A roll-up's one bucket, numbered for this review's range."""
+    end = datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)
+    b = int((plan.until - end) // plan.cycle) if plan.cycle else 0
+    (profiles,) = day.buckets.values()  # a whole day lies in one bucket
+    day.buckets = {b: profiles}
+    day.covered = {b: {t: s for cov in day.covered.values() for t, s in cov.items()}}
+
+
+def _merge_state(target: _Device, day: _Device) -> None:
+    for b, profiles in day.buckets.items():
+        into = target.buckets.setdefault(b, {n: st.Profile(p.grid) for n, p in profiles.items()})
+        for name, profile in profiles.items():
+            into[name].add(profile)
+    for b, cov in day.covered.items():
+        target.covered.setdefault(b, {}).update(cov)
+    if day.last is not None and (target.last is None or day.last >= target.last):
+        target.health = day.health
+    _add_counts(target, day)
+
+
+def _merge_hours(target: dict, hours: dict) -> None:
+    for hour, v in hours.items():
+        h = target.setdefault(hour, {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
+                                     "counts": defaultdict(int)})
+        for k in ("records", "rejected", "outliers"):
+            h[k] += v[k]
+        for n in v["counts"]:
+            h["sums"][n] += v["sums"][n]
+            h["counts"][n] += v["counts"][n]
 
 
 def _add_counts(target: _Device, other: _Device) -> None:
@@ -350,14 +423,7 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
         if part.fleet.buckets:
             _add_bucket(fleet, part.fleet.buckets[0])
         _add_counts(fleet, part.fleet)
-        for hour, v in part.hours.items():
-            h = hours.setdefault(hour, {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
-                                        "counts": defaultdict(int)})
-            for k in ("records", "rejected", "outliers"):
-                h[k] += v[k]
-            for n in v["counts"]:
-                h["sums"][n] += v["sums"][n]
-                h["counts"][n] += v["counts"][n]
+        _merge_hours(hours, part.hours)
     if fleet.windows:
         report.fleet = _device_result(fleet, plan.base, None, plan.until, plan.since, plan.thresholds)
         current = fleet.buckets.get(0, {})
@@ -374,13 +440,13 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
 
 
 def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
-                  warnings, tick, dask=None) -> ModelDrift:
+                  warnings, tick, dask=None, compact: bool = False) -> ModelDrift:
     plan = _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s)
     shares = _shares(chosen_keys(plan, devices, tick))
     if dask is None:
-        parts = [review_devices(store, plan, share, workers, tick) for share in shares]
+        parts = [review_devices(store, plan, share, workers, tick, compact) for share in shares]
     else:
-        parts = _on_dask(dask, store, plan, shares, workers, tick)
+        parts = _on_dask(dask, store, plan, shares, workers, tick, compact)
     report, more = _combine(plan, parts, cycle_s)
     warnings += more
     return report
@@ -426,14 +492,15 @@ def _shares(chosen: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[st
     return shares + ([share] if share else [])
 
 
-def _on_dask(client, store, plan: Plan, shares, workers: int, tick) -> list[Partial]:
+def _on_dask(client, store, plan: Plan, shares, workers: int, tick, compact: bool = False) -> list[Partial]:
     """One task per share on a Dask cluster; each opens the store itself (a URL travels, a
     connection does not). Results come back in share order."""
     from distributed import as_completed
 
     spec = (store.url, getattr(store, "endpoint_url", None))
     plan_future = client.scatter(plan, broadcast=True)
-    futures = [client.submit(review_devices, spec, plan_future, share, workers, pure=False) for share in shares]
+    futures = [client.submit(review_devices, spec, plan_future, share, workers, compact=compact, pure=False)
+               for share in shares]
     sizes = {f.key: sum(len(k) for _, k in share) for f, share in zip(futures, shares)}
     for future in as_completed(futures):
         future.result()  # raises here if the task failed
@@ -441,7 +508,8 @@ def _on_dask(client, store, plan: Plan, shares, workers: int, tick) -> list[Part
     return [f.result() for f in futures]
 
 
-def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings, hours) -> None:
+def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings,
+          hours) -> str | None:
     if isinstance(data, Exception):
         warnings.append(f"summary not read: {key}: {data}")
         return
@@ -458,7 +526,7 @@ def _take(state: _Device, key, data, model, version, since, until, cycle, grids,
                         f"{s.device_id!r}, which its key does not name")
         return
     if s.window_end > until or s.window_start < since:
-        return
+        return "out of range"
     if s.records_digest is not None:
         if s.identity in seen:
             warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")

@@ -166,14 +166,15 @@ def plan_to_json(plan: Plan) -> dict:
     return {"format": PLAN_FORMAT, "model": plan.model, "version": plan.version,
             "since": _time(plan.since), "until": _time(plan.until),
             "cycle_s": None if plan.cycle is None else plan.cycle.total_seconds(),
-            "base": _profiles_to_json(plan.base), "thresholds": asdict(plan.thresholds)}
+            "base": _profiles_to_json(plan.base), "thresholds": asdict(plan.thresholds),
+            "baseline_id": plan.baseline_id}
 
 
 def plan_from_json(doc: dict) -> Plan:
     _check_format(doc, PLAN_FORMAT)
     cycle = None if doc["cycle_s"] is None else timedelta(seconds=doc["cycle_s"])
     return Plan(doc["model"], doc["version"], _untime(doc["since"]), _untime(doc["until"]), cycle,
-                _profiles_from_json(doc["base"]), Thresholds(**doc["thresholds"]))
+                _profiles_from_json(doc["base"]), Thresholds(**doc["thresholds"]), doc.get("baseline_id", ""))
 
 
 def partial_to_json(part: Partial) -> dict:

@@ -271,3 +271,30 @@ def test_a_summary_under_another_devices_key_is_not_counted(tmp_path):
     report, warnings = fleet.review()
     assert [(d.device_id, d.windows) for d in report.devices] == [("d1", 1)]
     assert len(warnings) == 1 and "device=d2" in warnings[0] and "'d1'" in warnings[0]
+
+
+def test_compaction_reads_a_day_once_and_never_hides_a_late_part(tmp_path):
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(13)
+    for name in ("a", "b"):
+        for h in range(48):  # two whole days
+            fleet.add(name, rng.normal(0.4 if name == "b" else 0, 1, 300), T0 + timedelta(hours=h))
+    end = T0 + timedelta(days=2)  # given, so the review need not read the newest window to find it
+    plain, _ = fleet.review(until=end)
+    compacted, _ = fleet.review(until=end, compact=True)
+    rollups = sorted(fleet.store.list("rollups/"))
+    assert len(rollups) == 4 and all("/date=2026-11-0" in k for k in rollups)  # 2 devices x 2 days
+    reads = []
+    get = fleet.store.get
+    fleet.store.get = lambda key: (reads.append(key), get(key))[1]
+    again, _ = fleet.review(until=end)
+    fleet.store.get = get
+    assert not [k for k in reads if k.startswith("summaries/")]  # every whole day came from its roll-up
+    same = json.dumps(to_json([plain], Thresholds()))
+    assert json.dumps(to_json([compacted], Thresholds())) == same == json.dumps(to_json([again], Thresholds()))
+    # a late part of a compacted day: the day is read again, and counted
+    late = window("a", {"f": rng.normal(5, 1, 300)}, T0 + timedelta(hours=30))
+    fleet.store.put(summary_key("m", "1.0.0", "a", late.window_start, part=1, instance="late"),
+                    late.model_dump_json().encode())
+    after, _ = fleet.review(until=end)
+    assert device(after, "a").records == device(plain, "a").records + 300
