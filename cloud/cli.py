@@ -186,7 +186,8 @@ def _fleet_drift(args) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
         else:
-            reports, warnings = fleet_drift(store, **review, progress=bar, dask=client, compact=args.compact)
+            reports, warnings = fleet_drift(store, **review, progress=bar, dask=client, compact=args.compact,
+                                            cohorts=_read_cohorts(args.cohorts) if args.cohorts else None)
     finally:
         if client is not None:
             client.close()
@@ -240,6 +241,19 @@ def _on_sagemaker(args, review: dict):
         timeout_s=parse_span(args.sagemaker_timeout).total_seconds(), job_name=args.sagemaker_job_name,
         subnets=ids(args.sagemaker_subnets), security_group_ids=ids(args.sagemaker_security_groups),
         progress=status, **review)
+
+
+def _read_cohorts(path: str) -> dict[str, str]:
+    """device -> cohort, from a CSV with ``device,cohort`` rows (a header row is skipped) or a JSON object."""
+    import csv
+
+    text = Path(path).read_text()
+    if text.lstrip().startswith("{"):
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    rows = [r for r in csv.reader(text.splitlines()) if len(r) >= 2]
+    if rows and rows[0][0].strip().lower() in ("device", "device_id", "thing", "thing_name"):
+        rows = rows[1:]
+    return {r[0].strip(): r[1].strip() for r in rows}
 
 
 def _dask_client(address: str):
@@ -441,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "address, or local[:N] for N local worker processes")
     p.add_argument("--limit", type=int, help="show at most this many devices in the table")
     p.add_argument("--brief", action="store_true", help="one line per device")
+    p.add_argument("--cohorts", metavar="FILE", help="device,cohort rows (CSV) or a JSON object: a row per cohort "
+                   "(site, hardware batch, firmware), judged like a device")
     p.add_argument("--compact", action="store_true", help="write a roll-up of every whole device-day read, so "
                    "later reviews read one object per device and day (rebuilt when a day's summaries change)")
     p.add_argument("--sagemaker", metavar="S3_PREFIX", help="read the summaries in one SageMaker Processing job "

@@ -140,6 +140,7 @@ class ModelDrift:
     until: datetime | None
     devices: list[DeviceDrift]
     fleet: DeviceDrift | None = None
+    cohorts: list[DeviceDrift] = field(default_factory=list)  # one row per cohort (device tag), if given
     expected_outlier_rate: float | None = None
     cycle_s: int | None = None
     # for plots: the fleet per hour (records, rejected, outliers, each feature's mean), and each
@@ -234,13 +235,15 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
                 until: datetime | None = None, last: timedelta | None = timedelta(days=1),
                 cycle_s: int | None = None, workers: int = 8,
                 progress: Callable[[int, int], None] | None = None,
-                dask=None, compact: bool = False) -> tuple[list[ModelDrift], list[str]]:
+                dask=None, compact: bool = False,
+                cohorts: dict[str, str] | None = None) -> tuple[list[ModelDrift], list[str]]:
     """Review every (model, version) in the store over [since, until): by default the last day
     of data (``last``; None: all of it). Returns the reports and warnings.
 
     ``dask``: a ``distributed.Client`` to spread the devices over its workers; the verdicts (one
     false-discovery correction over the whole fleet) are made here, from the workers' results.
-    ``compact``: write a roll-up for every whole day read (``rollups``); later reviews read those."""
+    ``compact``: write a roll-up for every whole day read (``rollups``); later reviews read those.
+    ``cohorts``: device -> cohort (a tag); each cohort gets a row of its own, judged like a device."""
     listing = list_summaries(store)
     warnings: list[str] = []
     reports = []
@@ -259,7 +262,7 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
             tick(sum(len(k) for k in devices.values()))
             continue
         report = _review_model(store, model, version, baseline, devices, thresholds, since, until, last,
-                               cycle_s, workers, warnings, tick, dask, compact)
+                               cycle_s, workers, warnings, tick, dask, compact, cohorts)
         if finish(store, report, thresholds, warnings):
             reports.append(report)
     return reports, warnings
@@ -277,6 +280,7 @@ class Plan:
     base: dict[str, st.Profile]
     thresholds: Thresholds
     baseline_id: str = ""  # names the baseline, for roll-ups (``rollups``)
+    cohorts: dict[str, str] = field(default_factory=dict)  # device -> cohort (a tag: site, batch, ...)
 
 
 @dataclass
@@ -287,6 +291,7 @@ class Partial:
     fleet: _Device = field(default_factory=lambda: _Device("(fleet)"))
     hours: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    cohorts: dict[str, _Device] = field(default_factory=dict)
 
 
 def _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s) -> Plan:
@@ -353,9 +358,12 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
         if not state.windows:
             continue
         part.devices.append(_device_result(state, plan.base, plan.cycle, plan.until, plan.since, plan.thresholds))
-        for bucket in _complete_buckets(state, plan.cycle, plan.until, plan.since):
-            _add_bucket(part.fleet, bucket)
-        _add_counts(part.fleet, state)
+        cohort = plan.cohorts.get(device)
+        targets = [part.fleet] + ([part.cohorts.setdefault(cohort, _Device(f"(cohort {cohort})"))] if cohort else [])
+        for target in targets:
+            for bucket in _complete_buckets(state, plan.cycle, plan.until, plan.since):
+                _add_bucket(target, bucket)
+            _add_counts(target, state)
     return part
 
 
@@ -416,14 +424,18 @@ def _add_counts(target: _Device, other: _Device) -> None:
 
 def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[ModelDrift, list[str]]:
     report = ModelDrift(plan.model, plan.version, plan.since, plan.until, [], cycle_s=cycle_s)
-    fleet, hours, warnings = _Device("(fleet)"), {}, []
+    fleet, hours, warnings, cohorts = _Device("(fleet)"), {}, [], {}
     for part in parts:
         report.devices += part.devices
         warnings += part.warnings
-        if part.fleet.buckets:
-            _add_bucket(fleet, part.fleet.buckets[0])
-        _add_counts(fleet, part.fleet)
+        for target, source in [(fleet, part.fleet)] + [
+                (cohorts.setdefault(name, _Device(c.device_id)), c) for name, c in sorted(part.cohorts.items())]:
+            if source.buckets:
+                _add_bucket(target, source.buckets[0])
+            _add_counts(target, source)
         _merge_hours(hours, part.hours)
+    report.cohorts = [_device_result(c, plan.base, None, plan.until, plan.since, plan.thresholds)
+                      for _, c in sorted(cohorts.items())]
     if fleet.windows:
         report.fleet = _device_result(fleet, plan.base, None, plan.until, plan.since, plan.thresholds)
         current = fleet.buckets.get(0, {})
@@ -440,8 +452,10 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
 
 
 def _review_model(store, model, version, baseline, devices, t, since, until, last, cycle_s, workers,
-                  warnings, tick, dask=None, compact: bool = False) -> ModelDrift:
+                  warnings, tick, dask=None, compact: bool = False,
+                  cohorts: dict[str, str] | None = None) -> ModelDrift:
     plan = _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s)
+    plan.cohorts = {d: c for d, c in (cohorts or {}).items() if d in devices}
     shares = _shares(chosen_keys(plan, devices, tick))
     if dask is None:
         parts = [review_devices(store, plan, share, workers, tick, compact) for share in shares]
@@ -646,7 +660,7 @@ def _device_result(state: _Device, base: dict[str, st.Profile], cycle, until, si
 
 def _judge(report: ModelDrift, t: Thresholds) -> None:
     """Verdicts for every device (and the fleet), with one false-discovery correction over all."""
-    rows = [*report.devices, *([report.fleet] if report.fleet else [])]
+    rows = [*report.devices, *report.cohorts, *([report.fleet] if report.fleet else [])]
     expected = report.expected_outlier_rate
     for d in rows:
         if expected is not None and d.records:
@@ -731,7 +745,7 @@ def format_table(report: ModelDrift, features: bool = True, limit: int | None = 
     head = f"{'device':<16}{'feature':<18}{'rows':>8}{'mean':>11}{'base mean':>11}{'KS':>7}{'PSI':>7}{'q':>9}  verdict"
     lines = [f"model {report.model_name} version {report.model_version}: {span}{cycle}", head, "-" * len(head)]
     shown = report.devices[:limit] if limit else report.devices
-    for d in shown + ([report.fleet] if report.fleet else []):
+    for d in shown + report.cohorts + ([report.fleet] if report.fleet else []):
         if features:
             for f in d.features:
                 if f.verdict in ("drift", "warn") or d.verdict in ("drift", "warn") or len(shown) <= 10:

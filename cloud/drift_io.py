@@ -167,26 +167,29 @@ def plan_to_json(plan: Plan) -> dict:
             "since": _time(plan.since), "until": _time(plan.until),
             "cycle_s": None if plan.cycle is None else plan.cycle.total_seconds(),
             "base": _profiles_to_json(plan.base), "thresholds": asdict(plan.thresholds),
-            "baseline_id": plan.baseline_id}
+            "baseline_id": plan.baseline_id, "cohorts": dict(plan.cohorts)}
 
 
 def plan_from_json(doc: dict) -> Plan:
     _check_format(doc, PLAN_FORMAT)
     cycle = None if doc["cycle_s"] is None else timedelta(seconds=doc["cycle_s"])
     return Plan(doc["model"], doc["version"], _untime(doc["since"]), _untime(doc["until"]), cycle,
-                _profiles_from_json(doc["base"]), Thresholds(**doc["thresholds"]), doc.get("baseline_id", ""))
+                _profiles_from_json(doc["base"]), Thresholds(**doc["thresholds"]), doc.get("baseline_id", ""),
+                dict(doc.get("cohorts") or {}))
 
 
 def partial_to_json(part: Partial) -> dict:
     return {"format": PARTIAL_FORMAT, "devices": [device_to_json(d) for d in part.devices],
             "fleet": _state_to_json(part.fleet), "hours": _hours_to_json(part.hours),
-            "warnings": list(part.warnings)}
+            "warnings": list(part.warnings),
+            "cohorts": [[name, _state_to_json(c)] for name, c in part.cohorts.items()]}
 
 
 def partial_from_json(doc: dict) -> Partial:
     _check_format(doc, PARTIAL_FORMAT)
     return Partial([device_from_json(d) for d in doc["devices"]], _state_from_json(doc["fleet"]),
-                   _hours_from_json(doc["hours"]), list(doc["warnings"]))
+                   _hours_from_json(doc["hours"]), list(doc["warnings"]),
+                   {name: _state_from_json(c) for name, c in doc.get("cohorts") or []})
 
 
 def dumps(doc: dict) -> bytes:

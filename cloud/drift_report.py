@@ -238,6 +238,8 @@ def _model_section(r: ModelDrift) -> str:
              _overview(r), "<h3>Devices, worst first</h3>"]
     shown = r.devices[:MAX_DEVICES]
     parts.append(_device_table(shown, len(r.devices)) if shown else '<p class="note">No device had data in range.</p>')
+    if r.cohorts:
+        parts += ["<h3>Cohorts</h3>", _device_table(r.cohorts[:MAX_DEVICES], len(r.cohorts))]
     if shown:
         parts += ["<h3>Outlier and rejection rates per device</h3>",
                   _legend(("outlier rate (verdict colour)", COLOURS["drift"], False), ("rejected share", "#9e9e9e",

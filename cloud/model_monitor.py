@@ -90,7 +90,7 @@ def statistics(report: ModelDrift) -> dict:
 
 def violations(report: ModelDrift, t: Thresholds) -> dict:
     out = []
-    for d in ([report.fleet] if report.fleet else []) + report.devices:
+    for d in ([report.fleet] if report.fleet else []) + report.cohorts + report.devices:
         out += _device_violations(d, t)
     return {"violations": out}
 

@@ -298,3 +298,18 @@ def test_compaction_reads_a_day_once_and_never_hides_a_late_part(tmp_path):
                     late.model_dump_json().encode())
     after, _ = fleet.review(until=end)
     assert device(after, "a").records == device(plain, "a").records + 300
+
+
+def test_cohorts_get_rows_of_their_own(tmp_path):
+    """A change too small to flag on most single devices of a batch shows on the batch as a whole."""
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(14)
+    for i in range(8):
+        fleet.add(f"old-{i}", rng.normal(0, 1, 150))
+        fleet.add(f"new-{i}", rng.normal(0.3, 1, 150))  # most too few rows to flag alone
+    cohorts = {**{f"old-{i}": "batch-A" for i in range(8)}, **{f"new-{i}": "batch-B" for i in range(8)}}
+    report, _ = fleet.review(cohorts=cohorts)
+    assert {d.device_id: d.verdict for d in report.cohorts} == {"(cohort batch-A)": "ok", "(cohort batch-B)": "drift"}
+    alone = [d.device_id for d in report.devices if d.verdict == "drift"]
+    assert all(d.startswith("new-") for d in alone) and len(alone) <= 3
+    assert next(c for c in report.cohorts if c.device_id == "(cohort batch-B)").records == 1200
