@@ -522,30 +522,57 @@ def _on_dask(client, store, plan: Plan, shares, workers: int, tick, compact: boo
     return [f.result() for f in futures]
 
 
-def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings,
-          hours) -> str | None:
+def admit(key: str, data: bytes | Exception, model: str, version: str, seen: dict, warnings: list[str],
+          since: datetime | None = None, until: datetime | None = None) -> WindowSummary | str | None:
+    """The summary at ``key`` if the review counts it; None (with a warning) if it is unreadable,
+    names another device or model than its key, or repeats a part already counted (``seen``);
+    "out of range" if its window is not inside [since, until]."""
     if isinstance(data, Exception):
         warnings.append(f"summary not read: {key}: {data}")
-        return
+        return None
     try:
         s = load_summary(data, key)
     except ContractError as err:
         warnings.append(f"unreadable summary skipped: {err}")
-        return
+        return None
     claimed = f"/model={s.model_name}/version={s.model_version}/device={s.device_id}/"
     if claimed not in "/" + key or (s.model_name, s.model_version) != (model, version):
         # the key is what the device's IAM policy scopes (device=<thing name>); a summary that
         # names another device or model than its key is not counted for either
         warnings.append(f"summary skipped: {key} holds {s.model_name} {s.model_version} of device "
                         f"{s.device_id!r}, which its key does not name")
-        return
-    if s.window_end > until or s.window_start < since:
+        return None
+    if (until is not None and s.window_end > until) or (since is not None and s.window_start < since):
         return "out of range"
     if s.records_digest is not None:
         if s.identity in seen:
             warnings.append(f"replayed input counted once: {key} repeats {seen[s.identity]}")
-            return
+            return None
         seen[s.identity] = key
+    return s
+
+
+def load_fleet(store: ObjectStore) -> tuple[dict[tuple[str, str], dict[str, list[WindowSummary]]], list[str]]:
+    """Every summary the review would count, in memory, by (model, version) then device: for tools
+    and tests on small stores. The review itself never holds them all."""
+    fleet: dict = defaultdict(dict)
+    warnings: list[str] = []
+    for (model, version), devices in sorted(list_summaries(store).items()):
+        for device, keys in sorted(devices.items()):
+            seen: dict = {}
+            ordered = sorted(k for _, k in keys)
+            admitted = [admit(k, d, model, version, seen, warnings) for k, d in _read(store, ordered, 4)]
+            windows = [s for s in admitted if isinstance(s, WindowSummary)]
+            if windows:
+                fleet[(model, version)][device] = windows
+    return fleet, warnings
+
+
+def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings,
+          hours) -> str | None:
+    s = admit(key, data, model, version, seen, warnings, since, until)
+    if not isinstance(s, WindowSummary):
+        return s
     if set(s.features) != set(grids) - {SCORE_ROW}:
         warnings.append(f"summary skipped: {key}: features {sorted(s.features)} are not the baseline's")
         return
