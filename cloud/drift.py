@@ -489,7 +489,7 @@ def finish(store: ObjectStore, report: ModelDrift, t: Thresholds, warnings: list
     return True
 
 
-SHARE_SUMMARIES = 2000  # a unit of work: fixed, so the same store always splits (and sums) the same way
+SHARE_SUMMARIES = 500  # a unit of work: fixed, so the same store always splits (and sums) the same way
 
 
 def _shares(chosen: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str]]]]:
