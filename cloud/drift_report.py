@@ -307,9 +307,9 @@ def render_html(reports: Sequence[ModelDrift], warnings: Iterable[str] = ()) -> 
     """The page as a string."""
     warnings = list(warnings)
     body = ["<h1>Fleet drift review</h1>",
-            '<p class="note">Verdicts: drift (distribution or outlier rate moved), data-quality (rejected, '
-            "missing, non-finite or out-of-range values), warn, ok, short (less than one whole cycle), too-few "
-            "(too few values).</p>"]
+            '<p class="note">Verdicts: drift (a distribution moved), outliers (far more flagged than the '
+            "threshold was calibrated for), data-quality (rejected, missing, non-finite or out-of-range values), "
+            "warn, ok, short (less than one whole cycle), too-few (too few values).</p>"]
     if warnings:
         body.append("<h2>Warnings</h2><div class=\"warn-box\"><ul>"
                     + "".join(f"<li>{_e(w)}</li>" for w in warnings[:200]) + "</ul>"
