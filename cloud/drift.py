@@ -211,8 +211,8 @@ def _read(store: ObjectStore, keys: list[str], workers: int) -> Iterator[tuple[s
         except Exception as err:  # noqa: BLE001 - reported per key, the review goes on
             return key, err
 
-    if workers <= 1:
-        yield from map(get, keys)
+    if workers <= 1 or not str(getattr(store, "url", "")).startswith("s3://"):
+        yield from map(get, keys)  # a local disk has no latency to hide; threads would only contend
         return
     with ThreadPoolExecutor(workers) as pool:
         for i in range(0, len(keys), workers * 4):  # bounded read-ahead

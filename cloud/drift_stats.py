@@ -77,6 +77,7 @@ class Profile:
     min: float = math.inf
     max: float = -math.inf
     bins: list[int] | None = field(default=None, repr=False)  # a baseline's PSI bin edges, once computed
+    points: list[float] | None = field(default=None, repr=False)  # the grid as a list, once made
 
     def __post_init__(self) -> None:
         if self.cdf_mass is None:
@@ -104,7 +105,9 @@ class Profile:
         if not s.count:
             return
         sketch = decode_sketch(s)
-        cdf = np.asarray(sketch.get_cdf(self.grid, inclusive=True), dtype=np.float64)[: len(self.grid)]
+        if self.points is None:  # the library takes a list 4x faster than an array
+            self.points = self.grid.tolist()
+        cdf = np.array(sketch.get_cdf(self.points, inclusive=True)[:-1], dtype=np.float64)
         # count x CDF is a sum of the sketch's integer weights: rounded, every sum of them is exact,
         # so the fleet's numbers do not depend on the order windows and devices were added in
         mass, k = np.rint(cdf * s.count), sketch.k
