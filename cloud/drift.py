@@ -338,7 +338,7 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
         for day, day_keys in sorted(by_day.items()):
             whole = bool(plan.baseline_id) and _whole_day(plan, day)
             rkey = rollups.rollup_key(plan.model, plan.version, device, day, plan.baseline_id) if whole else ""
-            found = rollups.load(store, rkey, day_keys) if whole else None
+            found = rollups.load(store, rkey, day_keys, grids) if whole else None
             if found is not None:
                 day_state, day_hours, day_warnings = found
                 _rebucket(day_state, plan, day)

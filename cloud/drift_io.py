@@ -71,7 +71,10 @@ def _array(a: np.ndarray) -> list:
 
 
 def _unarray(values: list) -> np.ndarray:
-    return np.array([_unvalue(x) for x in values], dtype=np.float64)
+    try:  # plain numbers, the usual case: at C speed
+        return np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):  # tagged non-finite values among them
+        return np.array([_unvalue(x) for x in values], dtype=np.float64)
 
 
 def _check_format(doc: dict, expected: str) -> None:
@@ -90,8 +93,10 @@ def profile_to_json(p: st.Profile) -> dict:
             "bins": None if p.bins is None else [int(b) for b in p.bins]}
 
 
-def profile_from_json(doc: dict) -> st.Profile:
-    return st.Profile(_unarray(doc["grid"]), count=doc["count"], missing=doc["missing"], nonfinite=doc["nonfinite"],
+def profile_from_json(doc: dict, grid: np.ndarray | None = None) -> st.Profile:
+    """``grid``: the profile's grid when the document leaves it out (a roll-up: the plan has it)."""
+    return st.Profile(_unarray(doc["grid"]) if grid is None else grid, count=doc["count"], missing=doc["missing"],
+                      nonfinite=doc["nonfinite"],
                       cdf_mass=_unarray(doc["cdf_mass"]), error_mass=_unvalue(doc["error_mass"]),
                       total=_unvalue(doc["total"]), m2=_unvalue(doc["m2"]), min=_unvalue(doc["min"]),
                       max=_unvalue(doc["max"]), bins=doc["bins"])
@@ -101,8 +106,8 @@ def _profiles_to_json(profiles: dict[str, st.Profile]) -> dict:
     return {name: profile_to_json(p) for name, p in profiles.items()}
 
 
-def _profiles_from_json(doc: dict) -> dict[str, st.Profile]:
-    return {name: profile_from_json(p) for name, p in doc.items()}
+def _profiles_from_json(doc: dict, grids: dict[str, np.ndarray] | None = None) -> dict[str, st.Profile]:
+    return {name: profile_from_json(p, (grids or {}).get(name)) for name, p in doc.items()}
 
 
 def _state_to_json(d: _Device) -> dict:
@@ -114,9 +119,9 @@ def _state_to_json(d: _Device) -> dict:
             "first": _time(d.first), "last": _time(d.last), "health": _value(d.health)}
 
 
-def _state_from_json(doc: dict) -> _Device:
+def _state_from_json(doc: dict, grids: dict[str, np.ndarray] | None = None) -> _Device:
     return _Device(doc["device_id"],
-                   buckets={b: _profiles_from_json(ps) for b, ps in doc["buckets"]},
+                   buckets={b: _profiles_from_json(ps, grids) for b, ps in doc["buckets"]},
                    covered={b: {_untime(t): _unvalue(s) for t, s in c} for b, c in doc["covered"]},
                    windows=doc["windows"], records=doc["records"], rejected=doc["rejected"],
                    outliers=doc["outliers"], first=_untime(doc["first"]), last=_untime(doc["last"]),

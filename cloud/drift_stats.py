@@ -78,6 +78,7 @@ class Profile:
     max: float = -math.inf
     bins: list[int] | None = field(default=None, repr=False)  # a baseline's PSI bin edges, once computed
     points: list[float] | None = field(default=None, repr=False)  # the grid as a list, once made
+    shares: np.ndarray | None = field(default=None, repr=False)  # a baseline's shares of its own bins
 
     def __post_init__(self) -> None:
         if self.cdf_mass is None:
@@ -151,8 +152,13 @@ def kolmogorov_sf(lam: float) -> float:
     """P(K > lam) for the Kolmogorov distribution."""
     if lam < 0.2:
         return 1.0
-    terms = [(-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101)]
-    return float(min(1.0, max(0.0, 2 * sum(terms))))
+    total = 0.0
+    for k in range(1, 101):
+        term = math.exp(-2 * k * k * lam * lam)
+        total += term if k % 2 else -term
+        if term < 1e-17:
+            break
+    return float(min(1.0, max(0.0, 2 * total)))
 
 
 def effective_n(n: int, m: int) -> float:
@@ -196,16 +202,24 @@ def bin_masses(profile: Profile, base: Profile, bins: int = PSI_BINS) -> np.ndar
     return np.clip(np.diff(at), 0.0, None)
 
 
+def binned(base: Profile, cur: Profile) -> tuple[np.ndarray, np.ndarray]:
+    """Both distributions' shares of the baseline's bins (the baseline's computed once)."""
+    if base.shares is None:
+        p = bin_masses(base, base)
+        base.shares = p / max(p.sum(), EPS)
+    q = bin_masses(cur, base)
+    return base.shares, q / max(q.sum(), EPS)
+
+
 def psi(base: Profile, cur: Profile) -> float:
-    p, q = bin_masses(base, base), bin_masses(cur, base)
-    p, q = np.clip(p / max(p.sum(), EPS), EPS, None), np.clip(q / max(q.sum(), EPS), EPS, None)
+    p, q = binned(base, cur)
+    p, q = np.clip(p, EPS, None), np.clip(q, EPS, None)
     return float(np.sum((q - p) * np.log(q / p)))
 
 
 def js(base: Profile, cur: Profile) -> float:
     """Jensen-Shannon distance (base 2: 0 same, 1 disjoint) on the same bins as PSI."""
-    p, q = bin_masses(base, base), bin_masses(cur, base)
-    p, q = p / max(p.sum(), EPS), q / max(q.sum(), EPS)
+    p, q = binned(base, cur)
     m = (p + q) / 2
 
     def kl(a, b):
@@ -246,6 +260,8 @@ def rate_pvalue(k: int, n: int, p0: float) -> float:
     p0 = min(max(p0, 1e-6), 1 - 1e-9)
     mu = n * p0
     if mu < 20:  # Poisson tail
+        if k > mu + 40 * math.sqrt(mu) + 60:
+            return 0.0  # beyond double precision
         term = math.exp(-mu)
         cdf = 0.0
         for i in range(k):

@@ -19,7 +19,7 @@ from edge_runtime.contracts import WindowSummary
 from edge_runtime.store import ObjectNotFound, ObjectStore
 
 ROLLUP_PREFIX = "rollups/"
-ROLLUP_FORMAT = "edgeloop.drift.rollup/1"
+ROLLUP_FORMAT = "edgeloop.drift.rollup/2"  # 2: profiles without their grid
 
 
 def baseline_id(baseline: WindowSummary) -> str:
@@ -31,8 +31,9 @@ def rollup_key(model: str, version: str, device: str, day: str, base_id: str) ->
     return f"{ROLLUP_PREFIX}model={model}/version={version}/device={device}/date={day}/{base_id}.json"
 
 
-def load(store: ObjectStore, key: str, keys: list[str]):
-    """The day's state, hours and warnings from its roll-up, if it was made from exactly ``keys``."""
+def load(store: ObjectStore, key: str, keys: list[str], grids: dict):
+    """The day's state, hours and warnings from its roll-up, if it was made from exactly ``keys``
+    (the profiles' grids come from the plan: the roll-up names the baseline they derive from)."""
     from . import drift_io
 
     try:
@@ -41,13 +42,17 @@ def load(store: ObjectStore, key: str, keys: list[str]):
         return None
     if doc.get("format") != ROLLUP_FORMAT or doc.get("keys") != keys:
         return None
-    return (drift_io._state_from_json(doc["state"]), drift_io._hours_from_json(doc["hours"]),
+    return (drift_io._state_from_json(doc["state"], grids), drift_io._hours_from_json(doc["hours"]),
             list(doc["warnings"]))
 
 
 def save(store: ObjectStore, key: str, keys: list[str], state, hours: dict, warnings: list[str]) -> None:
     from . import drift_io
 
-    doc = {"format": ROLLUP_FORMAT, "keys": keys, "state": drift_io._state_to_json(state),
-           "hours": drift_io._hours_to_json(hours), "warnings": warnings}
+    encoded = drift_io._state_to_json(state)
+    for _, profiles in encoded["buckets"]:
+        for profile in profiles.values():
+            profile["grid"] = None  # the baseline's (named in the key): the plan has it
+    doc = {"format": ROLLUP_FORMAT, "keys": keys, "state": encoded, "hours": drift_io._hours_to_json(hours),
+           "warnings": warnings}
     store.put(key, drift_io.dumps(doc))
