@@ -1,6 +1,7 @@
 """``edgeloop fleet watch``: review drift on a schedule and start retraining when it crosses the line.
 
-Each round reviews the store (the last day, as ``fleet drift`` does). A model version whose drifted
+Each round reviews the store (the last day, as ``fleet drift`` does), writing roll-ups of the whole
+days it read, so the next rounds read those instead. A model version whose drifted
 devices (verdict ``drift`` or ``outliers``) reach ``min_devices`` gets one retraining per champion
 version and cohort, never one per round: what was started is remembered in a small state file.
 Retraining runs here (``cloud.retrain`` on ``--data``, registered as pending approval) or, with
@@ -59,7 +60,7 @@ def watch_round(store: ObjectStore, state_path: Path, *, data: str | Path | None
                 echo=print) -> list[Action]:
     """One review and what it started. ``sagemaker``: a boto3 SageMaker client (with ``pipeline``)."""
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"started": []}
-    reports, warnings = fleet_drift(store, thresholds=thresholds, cycle_s=cycle_s)
+    reports, warnings = fleet_drift(store, thresholds=thresholds, cycle_s=cycle_s, compact=True)
     for w in warnings:
         echo(f"warning: {w}")
     actions = []
