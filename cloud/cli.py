@@ -306,13 +306,34 @@ def _retrain(args) -> int:
     print(f"better: {result.reason}")
     if result.registered:
         print(f"registered {result.challenger.version} ({result.approval})")
-    if args.build_component:
+    if args.build_component or args.publish or args.deploy:
         from cloud.components import build_model, project_root, read_gdk_config
 
+        if (args.publish or args.deploy) and result.approval != "Approved":
+            print("edgeloop retrain: error: only an approved version is published: add --approve (and --store), "
+                  "or approve it after review and publish it then", file=sys.stderr)
+            return 2
         runtime, _ = read_gdk_config(project_root())
         built = build_model(result.bundle, Path(args.build_dir), runtime, project_root())
-        print(f"built {built.name} {built.version}: {built.recipe}; next: edgeloop component publish "
-              f"--component {built.name}, then edgeloop deploy --model-version {built.version}")
+        print(f"built {built.name} {built.version}: {built.recipe}")
+        if args.publish or args.deploy:
+            import boto3
+
+            from cloud.deploy import DeployRequest, deploy
+            from cloud.publish import publish
+
+            session = boto3.Session(region_name=args.region) if args.region else boto3.Session()
+            for p in publish(args.build_dir, bucket=args.bucket, region=args.region, session=session,
+                             only=[built.name], progress=lambda m: print(m, file=sys.stderr)):
+                print(f"published {p.name} {p.version}")
+            if args.deploy:
+                store_url = args.deploy_store or (args.store if args.store and args.store.startswith("s3://") else None)
+                done = deploy(DeployRequest(args.deploy, built.name, built.version, store_url=store_url), session)
+                print(f"deployment {done['deploymentId']} to {done['targetArn']}: runtime {done['runtimeVersion']}, "
+                      f"model {built.name} {built.version}")
+        else:
+            print(f"next: edgeloop component publish --build-dir {args.build_dir} --component {built.name}, "
+                  f"then edgeloop deploy --model-version {built.version}")
     return 0
 
 
@@ -499,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--approve", action="store_true", help="register the winner as Approved (default: pending)")
     p.add_argument("--build-component", action="store_true", help="also build the winner's model component")
     p.add_argument("--build-dir", default="greengrass-build")
+    p.add_argument("--publish", action="store_true", help="also publish the winner's component (needs --approve)")
+    p.add_argument("--deploy", metavar="THING_GROUP", help="also publish and deploy it to this thing group")
+    p.add_argument("--deploy-store", help="s3://bucket/prefix the devices sync to (default: --store if on S3)")
+    p.add_argument("--bucket", help="component bucket, exactly (default: gdk-config's bucket-region-account)")
+    p.add_argument("--region")
     p.add_argument("--missing", default="impute")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_retrain)

@@ -479,3 +479,43 @@ def test_cli_iam_policy_writes_json_with_kms_only_when_given(tmp_path):
     policy = json.loads(out.read_text())
     assert policy == device_policy("s3://bkt/fleet", "artifacts-bkt", kms_key_arn=key)
     assert [s["Resource"] for s in kms_statements(policy)] == [[key]]
+
+
+# --- retrain, then publish and deploy the winner ---------------------------------------------------
+
+
+def test_retrain_publishes_and_deploys_an_approved_winner(tmp_path, bundle_dir, aws, s3, sleeps, monkeypatch, capsys):
+    from cloud import synthetic
+    from cloud.registry import register
+    from edge_runtime.store import LocalStore
+
+    store = LocalStore(tmp_path / "registry")
+    register(bundle_dir, store)
+    drifted = synthetic.device_stream("d", 2880, seed=8, anomaly_rate=0.0, drift=synthetic.Drift("temperature", 2.0),
+                                      drift_from=0)
+    data = tmp_path / "fresh.csv"
+    data.write_text(",".join(synthetic.FEATURES) + "\n" + "\n".join(",".join(f"{v:.5f}" for v in r)
+                                                                   for r in drifted.X) + "\n")
+    bucket = f"exact-{uuid.uuid4().hex[:12]}"
+    aws.missing("describe_component", arn=arn(MODEL, "1.0.1"))  # publish: a new version
+    aws.created(MODEL, "1.0.1")
+    aws.versions(RUNTIME, [["1.0.2", "1.0.3"]])  # deploy: the highest runtime, both versions deployable
+    aws.described(RUNTIME, "1.0.3")
+    aws.described(MODEL, "1.0.1")
+    pinned = {"model": {"component": MODEL, "version": "1.0.1"}, "runtime": {"store": {"url": "s3://fleet/p7"}}}
+    aws.expect("create_deployment", {"deploymentId": "d-9"}, **deployment("1.0.3", pinned, model_version="1.0.1"))
+    monkeypatch.setattr(boto3, "Session", lambda **kw: aws.session(s3))
+    aws.sts_stub.add_response("get_caller_identity", {"Account": ACCOUNT}, {})  # one session: publish, then deploy
+
+    def retrain(version: str, *more: str) -> int:
+        return main(["retrain", "--data", str(data), "--store", str(tmp_path / "registry"), "--model",
+                     "sensor-outliers", "--version", "1.0.0", "--new-version", version, "--out",
+                     str(tmp_path / version), "--build-dir", str(tmp_path / f"gb-{version}"), "--bucket", bucket,
+                     "--region", REGION, *more])
+
+    assert retrain("1.0.5", "--publish") == 2  # registered pending approval: nothing is published
+    assert "only an approved version is published" in capsys.readouterr().err
+    assert retrain("1.0.1", "--approve", "--deploy", "line-1", "--deploy-store", "s3://fleet/p7") == 0
+    out = capsys.readouterr().out
+    assert f"published {MODEL} 1.0.1" in out and "deployment d-9 to " + GROUP_ARN in out
+    check_recipe(aws.recipes.values[0], MODEL, "1.0.1", bucket, [MODEL_ZIP])
