@@ -355,6 +355,27 @@ def _fleet_watch(args) -> int:
     return 0
 
 
+def _model(args) -> int:
+    from cloud.registry import register, set_approval, versions
+    from edge_runtime.store import open_store
+
+    store = open_store(args.store, args.endpoint_url)
+    if args.action == "register":
+        key = register(args.bundle, store)
+        print(f"registered: {key} (PendingManualApproval)")
+    elif args.action == "list":
+        rows = versions(store, args.model)
+        for row in rows:
+            print(f"{row['model']:<24} {row['version']:<12} {row['approval']}")
+        if not rows:
+            print(f"no registered model{' ' + args.model if args.model else ''} in {args.store}")
+    else:
+        status = {"approve": "Approved", "reject": "Rejected"}[args.action]
+        set_approval(store, args.model, args.version, status, note=args.note or "")
+        print(f"{args.model} {args.version}: {status}")
+    return 0
+
+
 def _demo(args) -> int:
     from cloud.demo import run_demo
 
@@ -528,6 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing", default="impute")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_retrain)
+
+    model = sub.add_parser("model", help="the model registry").add_subparsers(dest="action", required=True)
+    for action, text in (("register", "register a compiled bundle (pending approval)"),
+                         ("list", "registered versions and their approval"),
+                         ("approve", "approve a version"), ("reject", "reject a version")):
+        p = model.add_parser(action, help=text)
+        p.add_argument("--store", required=True, help="the registry: a local directory or s3://bucket/prefix")
+        p.add_argument("--endpoint-url")
+        if action == "register":
+            p.add_argument("--bundle", required=True)
+        else:
+            p.add_argument("--model", required=action != "list")
+        if action in ("approve", "reject"):
+            p.add_argument("--version", required=True)
+            p.add_argument("--note", help="why, kept with the status")
+        p.set_defaults(func=_model)
 
     p = sub.add_parser("demo", help="the whole loop on a simulated fleet, no cloud account needed")
     p.add_argument("--workdir", default="edgeloop-demo")

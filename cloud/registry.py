@@ -2,7 +2,9 @@
 
 Registering a bundle uploads its files under ``models/model=<name>/version=<v>/`` and its
 baseline under ``baselines/``, where the fleet review finds it. A version is immutable: registering
-different files under a version that exists is refused.
+different files under a version that exists is refused. Each version has an approval status, in
+SageMaker Model Registry's words: ``PendingManualApproval`` when registered, then ``Approved`` or
+``Rejected``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def register(bundle_dir: str | Path, store: ObjectStore) -> str:
         store.put(model_key(m.name, m.version, rel), (bundle.root / rel).read_bytes())
     store.put(baseline_key(m.name, m.version), (bundle.root / m.baseline_file).read_bytes())
     store.put(key, manifest_bytes)  # last: a manifest in the registry means the files are there
+    set_approval(store, m.name, m.version, "PendingManualApproval", note="registered")
     return key
 
 
@@ -84,3 +87,18 @@ def fetch_bundle(store: ObjectStore, name: str, version: str, dest: str | Path) 
     (dest / MANIFEST_FILE).write_bytes(manifest)
     load_bundle(dest)  # the checksums must hold
     return dest
+
+
+def versions(store: ObjectStore, name: str | None = None) -> list[dict]:
+    """Every registered version (of ``name``, or of every model), oldest first, with its approval."""
+    import re
+
+    found = []
+    for key in store.list("models/" + (f"model={name}/" if name else "")):
+        m = re.search(r"model=([^/]+)/version=([^/]+)/" + re.escape(MANIFEST_FILE) + "$", key)
+        if m:
+            found.append({"model": m[1], "version": m[2]})
+    found.sort(key=lambda r: (r["model"], tuple(int(x) for x in re.findall(r"\d+", r["version"])[:3])))
+    for row in found:
+        row["approval"] = approval(store, row["model"], row["version"]) or "PendingManualApproval"
+    return found

@@ -20,7 +20,7 @@ from pathlib import Path
 from edge_runtime.store import ObjectStore
 
 from .drift import ModelDrift, Thresholds, fleet_drift
-from .registry import fetch_bundle
+from .registry import fetch_bundle, versions
 
 FLAGGED = ("drift", "outliers")
 
@@ -35,18 +35,9 @@ class Action:
     detail: dict = field(default_factory=dict)
 
 
-def registered_versions(store: ObjectStore, model: str) -> list[str]:
-    found = set()
-    for key in store.list(f"models/model={model}/"):
-        m = re.search(r"/version=([^/]+)/manifest\.json$", key)
-        if m:
-            found.add(m[1])
-    return sorted(found, key=lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:3]))
-
-
 def next_version(store: ObjectStore, model: str, champion: str) -> str:
-    versions = registered_versions(store, model) or [champion]
-    major, minor, patch = (int(x) for x in re.findall(r"\d+", versions[-1])[:3])
+    known = [row["version"] for row in versions(store, model)] or [champion]
+    major, minor, patch = (int(x) for x in re.findall(r"\d+", known[-1])[:3])
     return f"{major}.{minor}.{patch + 1}"
 
 
