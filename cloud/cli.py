@@ -72,8 +72,11 @@ def _component_lock(args) -> int:
 
 def _component_publish(args) -> int:
     from cloud.publish import publish
+    from edge_runtime.store import open_store
 
+    registry = open_store(args.registry, args.endpoint_url) if args.registry else None
     done = publish(args.build_dir, bucket=args.bucket, region=args.region, only=args.component or None,
+                   registry=registry, unapproved=args.unapproved,
                    wait_s=0 if args.no_wait else args.wait, progress=lambda m: print(m, file=sys.stderr))
     for p in done:
         print(f"{p.name} {p.version} {p.arn}")
@@ -324,7 +327,7 @@ def _retrain(args) -> int:
 
             session = boto3.Session(region_name=args.region) if args.region else boto3.Session()
             for p in publish(args.build_dir, bucket=args.bucket, region=args.region, session=session,
-                             only=[built.name], progress=lambda m: print(m, file=sys.stderr)):
+                             only=[built.name], progress=lambda m: print(m, file=sys.stderr), registry=store):
                 print(f"published {p.name} {p.version}")
             if args.deploy:
                 store_url = args.deploy_store or (args.store if args.store and args.store.startswith("s3://") else None)
@@ -432,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", help="exactly this bucket (default: gdk-config's bucket-<region>-<account>)")
     p.add_argument("--region", help="default: gdk-config's publish.region")
     p.add_argument("--component", action="append", help="only this component (repeatable)")
+    p.add_argument("--registry", help="the model registry (folder or s3://): model versions must be approved there")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint of the registry")
+    p.add_argument("--unapproved", action="store_true", help="publish model versions without approval")
     p.add_argument("--wait", type=float, default=120, help="seconds to wait for each to be deployable")
     p.add_argument("--no-wait", action="store_true")
     p.set_defaults(func=_component_publish)

@@ -144,6 +144,19 @@ def publish_recipe(recipe: dict, version: str, bucket: str) -> str:
     return text
 
 
+def _check_approved(registry, model: str, version: str) -> None:
+    """Only a model version someone approved goes to a fleet."""
+    from .registry import approval
+
+    if registry is None:
+        raise ComponentError(f"model {model} {version}: give the registry it was approved in (--registry), "
+                             "or --unapproved to publish it without approval")
+    status = approval(registry, model, version)
+    if status != "Approved":
+        raise ComponentError(f"model {model} {version} is {status or 'not registered'} in the registry; approve it "
+                             f"first: edgeloop model approve --model {model} --version {version} --store ...")
+
+
 def ensure_bucket(s3, bucket: str, region: str) -> None:
     try:
         s3.head_bucket(Bucket=bucket)
@@ -172,8 +185,9 @@ def wait_deployable(gg, arn: str, timeout_s: float = 120.0, poll_s: float = 2.0)
 
 def publish(build_dir: str | Path = "greengrass-build", root: Path | None = None, bucket: str | None = None,
             region: str | None = None, session=None, only: list[str] | None = None, wait_s: float = 120.0,
-            progress=print) -> list[Published]:
-    """Publish what ``build_dir`` holds; refuses a version that exists before touching S3."""
+            progress=print, registry=None, unapproved: bool = False) -> list[Published]:
+    """Publish what ``build_dir`` holds; refuses, before touching S3, a version that exists and a
+    model version the ``registry`` has not approved (``unapproved``: publish it anyway)."""
     import boto3
 
     from .components import project_root
@@ -208,6 +222,8 @@ def publish(build_dir: str | Path = "greengrass-build", root: Path | None = None
                 + ("Bump the model's version (edgeloop train --version) and build again."
                    if c.name.startswith(MODEL_COMPONENT_PREFIX) else
                    "Set version to NEXT_PATCH or a new version in gdk-config.json."))
+        if c.name.startswith(MODEL_COMPONENT_PREFIX) and not unapproved:
+            _check_approved(registry, c.name.removeprefix(MODEL_COMPONENT_PREFIX), version)
         plan.append((c, version, publish_recipe(c.recipe, version, bucket)))
 
     ensure_bucket(s3, bucket, region)

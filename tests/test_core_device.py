@@ -196,7 +196,8 @@ def test_published_components_install_and_run_on_a_core_device(build, aws, moto_
         gg.exists(MODEL, "1.0.0", None)
         gg.created(RUNTIME, "1.0.0")
         gg.created(MODEL, "1.0.0")
-        published = publish(first, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None)
+        published = publish(first, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
+                            unapproved=True)
         assert [(p.name, p.version) for p in published] == [(RUNTIME, "1.0.0"), (MODEL, "1.0.0")]
         # deploy model 1.0.0 with the latest runtime to a thing group
         gg.versions(RUNTIME, ["1.0.0"])
@@ -261,7 +262,8 @@ def test_published_components_install_and_run_on_a_core_device(build, aws, moto_
         with gg.stub:
             gg.exists(MODEL, "1.0.1", None)
             gg.created(MODEL, "1.0.1")
-            publish(second, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None)
+            publish(second, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
+                    unapproved=True)
             gg.versions(RUNTIME, ["1.0.0"])
             gg.exists(RUNTIME, "1.0.0")
             gg.exists(MODEL, "1.0.1")

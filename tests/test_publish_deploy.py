@@ -197,7 +197,18 @@ def test_versions_and_bucket_names():
         bucket_name(None, {}, REGION, ACCOUNT)
 
 
-def test_first_publish_creates_the_bucket_uploads_and_waits(build_dir, aws, s3, sleeps):
+@pytest.fixture
+def approved_registry(tmp_path, bundle_dir):
+    from cloud.registry import register, set_approval
+    from edge_runtime.store import LocalStore
+
+    registry = LocalStore(tmp_path / "registry")
+    register(bundle_dir, registry)
+    set_approval(registry, "sensor-outliers", "1.0.0", "Approved")
+    return registry
+
+
+def test_first_publish_creates_the_bucket_uploads_and_waits(build_dir, aws, s3, sleeps, approved_registry):
     drop_bucket(s3, DEFAULT_BUCKET)
     aws.versions(RUNTIME, [[]])  # never published: NEXT_PATCH is 1.0.0
     aws.missing("describe_component", arn=arn(RUNTIME, "1.0.0"))
@@ -205,7 +216,8 @@ def test_first_publish_creates_the_bucket_uploads_and_waits(build_dir, aws, s3, 
     aws.created(RUNTIME, "1.0.0", states=("REQUESTED", "INITIATED", "DEPLOYABLE"))
     aws.created(MODEL, "1.0.0")
     try:
-        done = publish(build_dir, root=REPO, session=aws.session(s3), progress=lambda m: None)
+        done = publish(build_dir, root=REPO, session=aws.session(s3), progress=lambda m: None,
+                       registry=approved_registry)
         assert DEFAULT_BUCKET in buckets(s3)
         check_uploaded(s3, DEFAULT_BUCKET, build_dir, RUNTIME, "NEXT_PATCH", "1.0.0", RUNTIME_ZIP)
         check_uploaded(s3, DEFAULT_BUCKET, build_dir, MODEL, "1.0.0", "1.0.0", MODEL_ZIP)
@@ -265,6 +277,23 @@ def test_publishing_a_model_version_again_is_refused_before_touching_s3(build_di
     s3_stub.assert_no_pending_responses()
     assert aws.recipes.values == []
     assert not (build_dir / "published.json").exists()
+
+
+def test_a_model_version_is_published_only_once_approved(build_dir, aws, tmp_path, bundle_dir):
+    from cloud.registry import register
+    from edge_runtime.store import LocalStore
+
+    s3 = client("s3")
+    with Stubber(s3):  # no S3 call may happen
+        aws.missing("describe_component", arn=arn(MODEL, "1.0.0"))
+        with pytest.raises(ComponentError, match="give the registry it was approved in"):
+            publish(build_dir, root=REPO, session=aws.session(s3), only=[MODEL], progress=lambda m: None)
+        registry = LocalStore(tmp_path / "pending")
+        register(bundle_dir, registry)
+        aws.missing("describe_component", arn=arn(MODEL, "1.0.0"))
+        with pytest.raises(ComponentError, match="is PendingManualApproval in the registry; approve it first"):
+            publish(build_dir, root=REPO, session=aws.session(s3), only=[MODEL], progress=lambda m: None,
+                    registry=registry)
 
 
 def test_publishing_a_component_that_was_not_built_is_refused(build_dir, aws):
