@@ -250,7 +250,7 @@ def fleet_drift(store: ObjectStore, baselines: dict[tuple[str, str], WindowSumma
     total = sum(len(k) for devices in listing.values() for k in devices.values())
     done = [0]
 
-    def tick(n: int = 1) -> None:  # noqa: D401 - progress, as summaries are read or skipped
+    def tick(n: int = 1) -> None:  # progress, as summaries are read or skipped
         done[0] += n
         if progress:
             progress(done[0], total)
@@ -400,10 +400,14 @@ def _merge_state(target: _Device, day: _Device) -> None:
     _add_counts(target, day)
 
 
+def _new_hour() -> dict:
+    """One hour of the fleet series: counts, and per feature the sum and count of its values."""
+    return {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float), "counts": defaultdict(int)}
+
+
 def _merge_hours(target: dict, hours: dict) -> None:
     for hour, v in hours.items():
-        h = target.setdefault(hour, {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
-                                     "counts": defaultdict(int)})
+        h = target.setdefault(hour, _new_hour())
         for k in ("records", "rejected", "outliers"):
             h[k] += v[k]
         for n in v["counts"]:
@@ -586,9 +590,7 @@ def _take(state: _Device, key, data, model, version, since, until, cycle, grids,
     state.records += s.records
     state.rejected += s.rejected
     state.outliers += s.outliers
-    hour = hours.setdefault(s.window_start.replace(minute=0, second=0, microsecond=0),
-                            {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float),
-                             "counts": defaultdict(int)})
+    hour = hours.setdefault(s.window_start.replace(minute=0, second=0, microsecond=0), _new_hour())
     hour["records"] += s.records
     hour["rejected"] += s.rejected
     hour["outliers"] += s.outliers

@@ -72,7 +72,7 @@ def evaluate(bundle_dir: str | Path, rows: np.ndarray, names: list[str]) -> Eval
     worst, worst_name = 0.0, ""
     for j, name in enumerate(names):
         base = baseline.features[name]
-        b, c = st.Profile(st.grid_for(base)), None
+        b = st.Profile(st.grid_for(base))
         b.add_summary(base)
         c = st.Profile(b.grid)
         c.add_summary(summarise(rows[:, j], base.hist_edges))

