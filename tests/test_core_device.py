@@ -26,9 +26,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
-from botocore.stub import ANY, Stubber
+from botocore.stub import ANY
 from core_device import CoreDevice
+from greengrass_stub import ACCOUNT, GreengrassStub, arn
 from helpers import REPO, bundle_copy, normal_rows, record_line, wait_for
 from nucleus import Nucleus
 
@@ -40,7 +40,6 @@ from cloud.wheels import read_lock
 RUNTIME = "com.edgeloop.EdgeRuntime"
 MODEL = "com.edgeloop.model.sensor-outliers"
 THING = "plant7-line2"
-ACCOUNT = "123456789012"
 LOCK_PYTHON = read_lock(REPO / "components" / "runtime" / "requirements.lock")[1].get("python")
 DEVICE_PYTHON = subprocess.run(["sh", "-c", "PATH=/usr/local/bin:/usr/bin:/bin python3 -c "
                                 "'import sys; print(\"%d.%d\" % sys.version_info[:2])'"],
@@ -52,67 +51,6 @@ pytestmark = [
     pytest.mark.skipif(DEVICE_PYTHON != LOCK_PYTHON,
                        reason=f"the device's python3 is {DEVICE_PYTHON}; the lock is for {LOCK_PYTHON}"),
 ]
-
-
-class FakeSession:
-    """boto3's Session as publish/deploy use it: real S3 and STS clients (moto), a stubbed greengrassv2."""
-
-    def __init__(self, clients: dict, region: str = "us-east-1") -> None:
-        self.clients, self.region_name = clients, region
-
-    def client(self, name: str, region_name: str | None = None):
-        return self.clients[name]
-
-    def get_partition_for_region(self, region: str) -> str:
-        return "aws"
-
-
-class Greengrass:
-    """greengrassv2 under botocore's Stubber, every request validated against the service model;
-    the recipes and deployments sent are kept for the device."""
-
-    def __init__(self) -> None:
-        self.client = boto3.client("greengrassv2", region_name="us-east-1")
-        self.stub = Stubber(self.client)
-        self.recipes: dict[tuple[str, str], str] = {}
-        self.deployments: list[dict] = []
-        self.client.meta.events.register("before-parameter-build.greengrassv2.*", self._keep)
-
-    def _keep(self, params, model, **_):
-        if model.name == "CreateComponentVersion":
-            recipe = yaml.safe_load(params["inlineRecipe"])
-            self.recipes[(recipe["ComponentName"], recipe["ComponentVersion"])] = params["inlineRecipe"].decode()
-        elif model.name == "CreateDeployment":
-            self.deployments.append(json.loads(json.dumps(params)))
-
-    def arn(self, name: str, version: str | None = None) -> str:
-        base = f"arn:aws:greengrass:us-east-1:{ACCOUNT}:components:{name}"
-        return f"{base}:versions:{version}" if version else base
-
-    def versions(self, name: str, versions: list[str]) -> None:
-        self.stub.add_response("list_component_versions", {"componentVersions": [
-            {"componentName": name, "componentVersion": v, "arn": self.arn(name, v)} for v in versions]},
-            {"arn": self.arn(name)})
-
-    def exists(self, name: str, version: str, state: str | None = "DEPLOYABLE") -> None:
-        if state is None:
-            self.stub.add_client_error("describe_component", "ResourceNotFoundException", http_status_code=404,
-                                       expected_params={"arn": self.arn(name, version)})
-        else:
-            self.stub.add_response("describe_component", {
-                "arn": self.arn(name, version), "componentName": name, "componentVersion": version,
-                "status": {"componentState": state}}, {"arn": self.arn(name, version)})
-
-    def created(self, name: str, version: str) -> None:
-        self.stub.add_response("create_component_version", {
-            "arn": self.arn(name, version), "componentName": name, "componentVersion": version,
-            "creationTimestamp": 0, "status": {"componentState": "REQUESTED"}}, {"inlineRecipe": ANY})
-        self.exists(name, version)
-
-    def deployment(self, deployment_id: str) -> None:
-        self.stub.add_response("create_deployment", {"deploymentId": deployment_id, "iotJobId": "job-" + deployment_id},
-                               {k: ANY for k in ("targetArn", "deploymentName", "components", "deploymentPolicies",
-                                                 "iotJobConfiguration")})
 
 
 class TokenExchange(ThreadingHTTPServer):
@@ -162,13 +100,20 @@ def build(tmp_path_factory, bundle_dir):
 
 @pytest.fixture
 def aws(moto_endpoint, monkeypatch):
+    """S3 on the moto server; Greengrass v2 and STS under the Stubber, checked at the end."""
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    gg = Greengrass()
-    clients = {name: boto3.client(name, region_name="us-east-1", endpoint_url=moto_endpoint) for name in ("s3", "sts")}
-    clients["greengrassv2"] = gg.client
-    return FakeSession(clients), gg
+    gg = GreengrassStub()
+    yield boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint), gg
+    gg.gg_stub.assert_no_pending_responses()
+
+
+def deployment_sent(gg: GreengrassStub, deployment_id: str) -> None:
+    """A create_deployment answered; what was sent is checked in test_publish_deploy, kept here."""
+    gg.expect("create_deployment", {"deploymentId": deployment_id, "iotJobId": "job-" + deployment_id},
+              **{k: ANY for k in ("targetArn", "deploymentName", "components", "deploymentPolicies",
+                                  "iotJobConfiguration")})
 
 
 def summaries(s3, bucket: str, version: str) -> list[str]:
@@ -186,33 +131,32 @@ def device_root():
 
 
 def test_published_components_install_and_run_on_a_core_device(build, aws, moto_endpoint, device_root, tmp_path):
-    session, gg = aws
-    s3 = session.clients["s3"]
+    s3, gg = aws
     first, second = build
-    with gg.stub:
-        # publish: the runtime's NEXT_PATCH becomes 1.0.0; the model is new
-        gg.versions(RUNTIME, [])
-        gg.exists(RUNTIME, "1.0.0", None)
-        gg.exists(MODEL, "1.0.0", None)
-        gg.created(RUNTIME, "1.0.0")
-        gg.created(MODEL, "1.0.0")
-        published = publish(first, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
-                            unapproved=True)
-        assert [(p.name, p.version) for p in published] == [(RUNTIME, "1.0.0"), (MODEL, "1.0.0")]
-        # deploy model 1.0.0 with the latest runtime to a thing group
-        gg.versions(RUNTIME, ["1.0.0"])
-        gg.exists(RUNTIME, "1.0.0")
-        gg.exists(MODEL, "1.0.0")
-        gg.deployment("d-1")
-        bucket = f"edgeloop-components-us-east-1-{ACCOUNT}"
-        store = f"edgeloop-fleet-{os.getpid()}"
-        s3.create_bucket(Bucket=store)
-        deploy(DeployRequest("line2", "sensor-outliers", "1.0.0", store_url=f"s3://{store}/fleet",
-                             endpoint_url=moto_endpoint), session)
+    session = gg.session(s3, accounts=2)  # publish, then deploy
+    # publish: the runtime's NEXT_PATCH becomes 1.0.0; the model is new
+    gg.versions(RUNTIME, [[]])
+    gg.missing("describe_component", arn=arn(RUNTIME, "1.0.0"))
+    gg.missing("describe_component", arn=arn(MODEL, "1.0.0"))
+    gg.created(RUNTIME, "1.0.0")
+    gg.created(MODEL, "1.0.0")
+    published = publish(first, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
+                        unapproved=True)
+    assert [(p.name, p.version) for p in published] == [(RUNTIME, "1.0.0"), (MODEL, "1.0.0")]
+    # deploy model 1.0.0 with the latest runtime to a thing group
+    gg.versions(RUNTIME, [["1.0.0"]])
+    gg.described(RUNTIME, "1.0.0")
+    gg.described(MODEL, "1.0.0")
+    deployment_sent(gg, "d-1")
+    bucket = f"edgeloop-components-us-east-1-{ACCOUNT}"
+    store = f"edgeloop-fleet-{os.getpid()}"
+    s3.create_bucket(Bucket=store)
+    deploy(DeployRequest("line2", "sensor-outliers", "1.0.0", store_url=f"s3://{store}/fleet",
+                         endpoint_url=moto_endpoint), session)
     assert all(uri.startswith(f"s3://{bucket}/") for p in published for uri in p.uris)
 
     device = CoreDevice(device_root, THING, s3)
-    device.deploy(gg.recipes, gg.deployments[0])
+    device.deploy(gg.sent_recipes(), gg.deployments[0])
     runtime = device.components[RUNTIME]
     bundle = device.decompressed(device.components[MODEL]) / "bundle"
     assert (bundle / "manifest.json").is_file() and (bundle / "model.onnx").is_file()
@@ -256,17 +200,17 @@ def test_published_components_install_and_run_on_a_core_device(build, aws, moto_
 
         # a new model version: a deployment that changes the runtime's configuration only
         run_script = device.script(runtime, "Run")
-        with gg.stub:
-            gg.exists(MODEL, "1.0.1", None)
-            gg.created(MODEL, "1.0.1")
-            publish(second, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
-                    unapproved=True)
-            gg.versions(RUNTIME, ["1.0.0"])
-            gg.exists(RUNTIME, "1.0.0")
-            gg.exists(MODEL, "1.0.1")
-            gg.deployment("d-2")
-            deploy(DeployRequest("line2", "sensor-outliers", "1.0.1"), session)
-        device.deploy(gg.recipes, gg.deployments[1])
+        session = gg.session(s3, accounts=2)
+        gg.missing("describe_component", arn=arn(MODEL, "1.0.1"))
+        gg.created(MODEL, "1.0.1")
+        publish(second, root=REPO, region="us-east-1", session=session, wait_s=5, progress=lambda m: None,
+                unapproved=True)
+        gg.versions(RUNTIME, [["1.0.0"]])
+        gg.described(RUNTIME, "1.0.0")
+        gg.described(MODEL, "1.0.1")
+        deployment_sent(gg, "d-2")
+        deploy(DeployRequest("line2", "sensor-outliers", "1.0.1"), session)
+        device.deploy(gg.sent_recipes(), gg.deployments[1])
         assert device.script(device.components[RUNTIME], "Run") == run_script  # so the nucleus does not restart it
         nucleus.set_configuration(device.components[RUNTIME].configuration)
         time.sleep(3)  # the swap loads and checks the new bundle in the background
