@@ -61,7 +61,9 @@ def normalise(name: str) -> str:
 
 
 def read_lock(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """The pins (normalised name -> ``name==version``) and the header's ``key: value`` lines."""
+    """The pins (normalised name -> ``name==version``) and the header's ``key: value`` lines.
+    (The device reads the same file with ``components/runtime/install.py``'s own copy of this:
+    that script runs before anything but the standard library is installed.)"""
     pins, header = {}, {}
     for raw in path.read_text().splitlines():
         if raw.startswith("# ") and ": " in raw:
