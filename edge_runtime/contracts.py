@@ -74,6 +74,40 @@ class ModelVariant(_Strict):
     file: str
     precision: Literal["fp16", "int8"]
     providers: list[str] = Field(description="execution providers this variant is meant for")
+    parity: dict[str, float] = Field(
+        default_factory=dict,
+        description="what its gate measured against the fp32 model on held-out rows, e.g. max_abs_diff, "
+        "decision_agreement",
+    )
+
+
+class SkippedVariant(_Strict):
+    """A variant that failed its parity gate (or could not be built): left out, and why."""
+
+    precision: Literal["fp16", "int8"]
+    reason: str
+    parity: dict[str, float] = Field(default_factory=dict)
+
+
+class NeoArtifact(_Strict):
+    """A SageMaker Neo compilation of the model for one target device or platform."""
+
+    target: str = Field(description="Neo's TargetDevice (e.g. jetson_xavier) or os_arch[_accelerator]")
+    directory: str = Field(description="bundle-relative folder holding Neo's output, unpacked")
+    job_name: str
+    framework: str = "ONNX"
+
+
+class StreamSpec(_Strict):
+    """A stream model reads the last ``window`` values of one stream, not one record: the device keeps
+    each stream's recent values (keyed by the record's ``key`` field) and feeds the model that window."""
+
+    key: str = Field("stream_id", description="the record field naming the stream; records without it "
+                     "belong to one default stream")
+    value: str = Field(description="the input feature holding the stream's value")
+    window: int = Field(gt=1, le=4096, description="values per model row, oldest first, the newest last")
+    max_streams: int = Field(10_000, gt=0, le=1_000_000,
+                             description="streams kept; the one unseen longest is forgotten beyond this")
 
 
 class BundleManifest(_Strict):
@@ -91,6 +125,11 @@ class BundleManifest(_Strict):
     optimization: str = Field(description="the ONNX Runtime offline optimisation applied")
     gpu_capable: bool = Field(description="no operator in the graph is CPU-provider-only")
     variants: dict[str, ModelVariant] = Field(default_factory=dict)
+    skipped_variants: dict[str, SkippedVariant] = Field(default_factory=dict)
+    neo: dict[str, NeoArtifact] = Field(default_factory=dict, description="by Neo target")
+    stream: StreamSpec | None = Field(None, description="set for stream models: the input is a window")
+    lineage: dict = Field(default_factory=dict, description="where the model came from: training job, "
+                          "image, hyperparameters, metrics, data location and checksum")
 
 
 # --- window summary ---------------------------------------------------------------------------

@@ -27,6 +27,11 @@ class TrainingCard(BaseModel):
     train_rows: int
     # the missing-value policy per feature and what it did (rows dropped, values imputed)
     missing_values: dict = {}
+    # where the model came from (a SageMaker training job's name, image, hyperparameters, metrics, data
+    # location and checksum; for local training the data file and its checksum): copied into the manifest
+    lineage: dict = {}
+    # set for a stream model: its input is a window of one stream's last values (edge_runtime.contracts)
+    stream: dict | None = None
 
 
 def load_card(directory: str | Path) -> TrainingCard:

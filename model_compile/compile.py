@@ -139,6 +139,7 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
             output=card.output, outlier=card.outlier,
             onnx_opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
             optimization=f"onnxruntime {level}", gpu_capable=not cpu_only,
+            stream=card.stream, lineage=card.lineage,
         )
         missing = set(card.features) - set(baseline.features)
         if missing:
