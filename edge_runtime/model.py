@@ -18,6 +18,7 @@ from .bundle import Bundle, BundleError, load_bundle
 from .contracts import ScoringConfig
 from .records import RecordDecoder
 from .scoring import Scorer, ScoringError
+from .streams import StreamWindows
 
 
 class ModelError(BundleError):
@@ -29,6 +30,7 @@ class Model:
     bundle: Bundle
     scorer: Scorer
     decoder: RecordDecoder
+    streams: StreamWindows | None = None  # stream models: each stream's recent values
 
     @property
     def name(self) -> str:
@@ -57,15 +59,20 @@ class Model:
     @cached_property
     def schema_key(self) -> str:
         """Identifies the input schema: a record parsed ahead for another one is parsed again."""
-        return self.bundle.manifest.input.model_dump_json()
+        stream = self.bundle.manifest.stream
+        return self.bundle.manifest.input.model_dump_json() + (f"|stream:{stream.key}" if stream else "")
 
     def describe(self) -> str:
         return f"{self.name} {self.version} ({self.bundle.root})"
 
 
 def warm_up_rows(bundle: Bundle, n: int = 8) -> np.ndarray:
-    """Plausible rows for a warm-up run: the baseline's means (zeros where it has none)."""
+    """Plausible rows for a warm-up run: the baseline's means (zeros where it has none); for a
+    stream model, windows of its value's mean."""
     means = [bundle.baseline.features[name].mean or 0.0 for name in bundle.manifest.input.feature_names]
+    stream = bundle.manifest.stream
+    if stream is not None:
+        means = [bundle.baseline.features[stream.value].mean or 0.0] * stream.window
     return np.tile(np.asarray(means, dtype=np.float32), (n, 1))
 
 
@@ -83,4 +90,10 @@ def load_model(path: str | Path, scoring: ScoringConfig, bundle: Bundle | None =
         raise ModelError(f"{bundle.root}: warm-up failed: {err}") from None
     if not np.isfinite(scores).all():
         raise ModelError(f"{bundle.root}: warm-up gave non-finite scores on the baseline's mean row")
-    return Model(bundle, scorer, RecordDecoder(bundle.manifest.input))
+    stream = bundle.manifest.stream
+    if stream is None:
+        return Model(bundle, scorer, RecordDecoder(bundle.manifest.input))
+    if bundle.manifest.input.feature_names != [stream.value]:
+        raise ModelError(f"{bundle.root}: a stream model takes one feature, its value {stream.value!r}; "
+                         f"the manifest lists {bundle.manifest.input.feature_names}")
+    return Model(bundle, scorer, RecordDecoder(bundle.manifest.input, stream.key), StreamWindows(stream))

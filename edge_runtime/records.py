@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from .contracts import InputSchema
+from .streams import stream_name
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -75,6 +76,7 @@ class Decoded:
     index: np.ndarray  # (n,) int64: each row's position in its payload
     ids: list  # (n,) the records' "id" values, or None
     rejections: list[Rejection] = field(default_factory=list)
+    streams: list[str] | None = None  # stream models: (n,) each record's stream (streams.stream_name)
 
     @classmethod
     def empty(cls, n_features: int, rejections: list[Rejection] | None = None) -> Decoded:
@@ -133,7 +135,8 @@ _NUMERIC = frozenset((float, int))
 class RecordDecoder:
     """Validates batches of records against a bundle's input schema."""
 
-    def __init__(self, schema: InputSchema) -> None:
+    def __init__(self, schema: InputSchema, stream_key: str | None = None) -> None:
+        self.stream_key = stream_key  # stream models: the record field naming its stream
         self.features = schema.features
         self.names = schema.feature_names
         self.n = len(self.names)
@@ -146,7 +149,8 @@ class RecordDecoder:
         """Validate a payload's lines; timestamps outside ``ts_range`` (seconds) are rejected."""
         fast = self._decode_uniform(lines)
         if fast is not None:
-            return self._finish(*fast, [], ts_range)
+            rows, raw_ts, ids, index, keys = fast
+            return self._finish(rows, raw_ts, ids, index, [], ts_range, keys)
         return self._decode_each(lines, ts_range)
 
     def _decode_uniform(self, lines: Sequence[bytes | TooLong]):
@@ -161,15 +165,17 @@ class RecordDecoder:
                 return None
             raw_ts = [obj.get("ts") for obj in objs]
             ids = [obj.get("id") for obj in objs]
+            keys = [obj.get(self.stream_key) for obj in objs] if self.stream_key else None
         except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
             return None
-        return rows, raw_ts, ids, list(range(len(lines)))
+        return rows, raw_ts, ids, list(range(len(lines))), keys
 
     def _decode_each(self, lines: Sequence[bytes | TooLong], ts_range: tuple[float, float]) -> Decoded:
         loads, get, n = orjson.loads, self._get, self.n
         rows: list = []
         raw_ts: list = []
         ids: list = []
+        keys: list | None = [] if self.stream_key else None
         index: list[int] = []
         rejections: list[Rejection] = []
         for i, raw in enumerate(lines):
@@ -199,11 +205,13 @@ class RecordDecoder:
             rows.append(vals)
             raw_ts.append(obj.get("ts"))
             ids.append(obj.get("id"))
+            if keys is not None:
+                keys.append(obj.get(self.stream_key))
             index.append(i)
-        return self._finish(rows, raw_ts, ids, index, rejections, ts_range)
+        return self._finish(rows, raw_ts, ids, index, rejections, ts_range, keys)
 
     def _finish(self, rows: list, raw_ts: list, ids: list, index: list[int], rejections: list[Rejection],
-                ts_range: tuple[float, float]) -> Decoded:
+                ts_range: tuple[float, float], keys: list | None = None) -> Decoded:
         """Rows that passed the per-record checks -> the batch, less bad timestamps and values."""
         if not rows:
             return Decoded.empty(self.n, rejections)
@@ -221,8 +229,11 @@ class RecordDecoder:
             values, ts = values[keep], ts[keep]
             index = [x for x, k in zip(index, keep) if k]
             ids = [x for x, k in zip(ids, keep) if k]
+            if keys is not None:
+                keys = [x for x, k in zip(keys, keep) if k]
             rejections.sort(key=lambda r: r.index)
-        return Decoded(values, ts, np.asarray(index, dtype=np.int64), ids, rejections)
+        streams = None if keys is None else [stream_name(k) for k in keys]
+        return Decoded(values, ts, np.asarray(index, dtype=np.int64), ids, rejections, streams)
 
     # -- the slow, explaining path ----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .sinks import JsonlSink
 from .sources import Payload
 from .spool import Spool
 from .store import ObjectStore, store_for
+from .streams import DEFAULT_STREAM
 from .summary import MatrixAccumulator
 from .summary_format import encode
 from .uploader import Uploader
@@ -227,6 +228,8 @@ class EdgeRuntime:
         so every summary names the one version that scored its records."""
         old = self.model
         self._close_window()
+        if model.streams is not None and old.streams is not None:
+            model.streams.adopt(old.streams)  # the streams' recent values outlive the model version
         self.model = model
         self.health.swaps += 1
         self._note_model()
@@ -286,7 +289,8 @@ class EdgeRuntime:
         rows = _Rows(payloads, np.concatenate(origins) if origins else np.empty(0, np.int64),
                      np.concatenate([d.index for d in decoded]) if decoded else np.empty(0, np.int64))
         if len(values):
-            scores, failed = self._score(values, rows, model)
+            inputs = values if model.streams is None else model.streams.rows(values[:, 0], _streams(decoded))
+            scores, failed = self._score(inputs, rows, model)
             if failed is not None:
                 rejections += failed[1]
                 keep = failed[0]
@@ -602,3 +606,11 @@ class EdgeRuntime:
                                            self.instance_id), samples)
         self.health.windows += 1
         self.uploader.notify()
+
+
+def _streams(decoded: list[Decoded]) -> list[str]:
+    """Each decoded row's stream, in order (frames and other keyless rows: the default stream)."""
+    out: list[str] = []
+    for d in decoded:
+        out += d.streams if d.streams is not None else [DEFAULT_STREAM] * len(d.values)
+    return out

@@ -156,7 +156,8 @@ class Scorer:
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
         self.sign = 1.0 if manifest.output.higher_is_outlier else -1.0
-        self.n_features = len(manifest.input.features)
+        # a stream model's row is a window of its stream's values, not the record's features
+        self.n_features = manifest.stream.window if manifest.stream else len(manifest.input.features)
         on_gpu = self.provider in GPU_PROVIDERS
         self.bind = io_binding == "on" or (io_binding == "auto" and on_gpu)
         self.device = "cuda" if on_gpu else "cpu"

@@ -39,6 +39,11 @@ class CompileResult:
     cpu_only_ops: list[str]
 
 
+def row_width(card) -> int:
+    """Values per model row: the features, or for a stream model the window of its stream's values."""
+    return int(card.stream["window"]) if card.stream else len(card.features)
+
+
 def check_model(model, n_features: int, output_name: str) -> tuple[str, list[str]]:
     """Structural checks; returns the input name and any CPU-only operators."""
     import onnx
@@ -112,11 +117,12 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
         raise CompileError(f"{src}: not found") from None
     except Exception as err:
         raise CompileError(f"{src}: not a readable ONNX model ({err})") from None
-    input_name, cpu_only = check_model(model, len(card.features), card.output.name)
+    width = row_width(card)
+    input_name, cpu_only = check_model(model, width, card.output.name)
     baseline = load_summary((model_dir / BASELINE_FILE).read_bytes(), str(model_dir / BASELINE_FILE))
     samples = np.load(model_dir / SAMPLES_FILE).astype(np.float32)
-    if samples.ndim != 2 or samples.shape[1] != len(card.features):
-        raise CompileError(f"{SAMPLES_FILE} has shape {samples.shape}; expected (n, {len(card.features)})")
+    if samples.ndim != 2 or samples.shape[1] != width:
+        raise CompileError(f"{SAMPLES_FILE} has shape {samples.shape}; expected (n, {width})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
@@ -133,7 +139,7 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
             model_file=MODEL_FILE, baseline_file=BASELINE_FILE,
             files={f: sha256_file(staging / f) for f in (MODEL_FILE, BASELINE_FILE)},
             input=InputSchema(
-                name=input_name, shape=[None, len(card.features)],
+                name=input_name, shape=[None, width],
                 features=[FeatureSpec(name=f) for f in card.features],
             ),
             output=card.output, outlier=card.outlier,

@@ -1,0 +1,91 @@
+"""Per-stream windows for stream models: each record becomes the last ``window`` values of its stream.
+
+A stream model (``BundleManifest.stream``) scores a sliding window of one univariate stream, not a
+record on its own. The device keeps, for every stream it has seen (named by the record's key field;
+records without one belong to the default stream ``""``), its last ``window - 1`` values, and turns a
+batch of records into one row per record: that stream's values before it, oldest first, and the
+record's own value last. Records are taken in arrival order, so the rows are what a one-record-at-a-
+time loop would give, with no look-ahead. Until a stream has a full window, its row is padded on the
+left with the stream's first value (the history is then what has been seen so far).
+
+Memory is bounded: at most ``max_streams`` streams are kept; the one unseen longest is forgotten
+(and counted) when a new one arrives beyond that. The state lives in memory: after a restart each
+stream fills its window again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .contracts import StreamSpec
+
+DEFAULT_STREAM = ""
+
+
+def stream_name(value: object) -> str:
+    """A record's key value as a stream name: strings as they are, other JSON values as JSON."""
+    if value is None:
+        return DEFAULT_STREAM
+    if isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+class StreamWindows:
+    """The recent values of every stream, and the rows a stream model scores."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        self.width = spec.window
+        self._history: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.forgotten = 0  # streams dropped for max_streams
+
+    def __len__(self) -> int:
+        return len(self._history)
+
+    def history(self, stream: str) -> np.ndarray:
+        """The values kept for ``stream``, oldest first (at most ``window - 1``)."""
+        return self._history.get(stream, np.empty(0, np.float32)).copy()
+
+    def rows(self, values: np.ndarray, streams: list[str] | None) -> np.ndarray:
+        """One (window,) row per value, in order, and the state advanced past them.
+
+        ``values`` is (n,) float32; ``streams`` the n stream names (None: all the default stream)."""
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        n = len(values)
+        out = np.empty((n, self.width), np.float32)
+        if n == 0:
+            return out
+        if streams is None or all(s == streams[0] for s in streams):
+            groups = {streams[0] if streams else DEFAULT_STREAM: np.arange(n)}
+        else:
+            order: dict[str, list[int]] = {}
+            for i, s in enumerate(streams):
+                order.setdefault(s, []).append(i)
+            groups = {s: np.asarray(ix) for s, ix in order.items()}
+        for stream, ix in groups.items():
+            seq = np.concatenate([self._history.pop(stream, np.empty(0, np.float32)), values[ix]])
+            short = self.width - 1 + len(ix) - len(seq)  # a young stream: its first value stands in
+            padded = np.concatenate([np.full(short, seq[0], np.float32), seq]) if short > 0 else seq
+            out[ix] = sliding_window_view(padded, self.width)[-len(ix):]
+            self._history[stream] = seq[-(self.width - 1):].copy()  # most recently seen last
+        while len(self._history) > self.spec.max_streams:
+            self._history.popitem(last=False)
+            self.forgotten += 1
+        return out
+
+    def adopt(self, other: StreamWindows) -> None:
+        """Take over another model's streams (a model swap): the same key and value keep their
+        history, trimmed to this window; otherwise start empty."""
+        if (other.spec.key, other.spec.value) != (self.spec.key, self.spec.value):
+            return
+        keep = self.width - 1
+        self._history = OrderedDict((s, h[-keep:].copy()) for s, h in other._history.items())
+        while len(self._history) > self.spec.max_streams:
+            self._history.popitem(last=False)
+            self.forgotten += 1

@@ -1,0 +1,243 @@
+"""Stream models: the device's per-stream windows, and the stream detector giving the same scores in
+Python and on the device, record by record."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.stream_detector import read_stream_csv, train_stream
+from cloud.train import TrainingError
+from edge_runtime.contracts import RuntimeConfig, StreamSpec
+from edge_runtime.model import load_model
+from edge_runtime.runtime import EdgeRuntime
+from edge_runtime.streams import StreamWindows
+from model_compile.compile import compile_bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import nab  # noqa: E402
+
+WINDOW = 32
+
+
+def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, margin: float = 0.5) -> np.ndarray:
+    """The detector written plainly, one value at a time, in float64: how far the newest value falls
+    outside the range of the stream's previous (window - 1) values, over that range + margin."""
+    z = (np.asarray(values, dtype=np.float64) - mean) / sd
+    out = np.zeros(len(z))
+    for t in range(1, len(z)):
+        hist = z[max(0, t - window + 1):t]
+        hi, lo = hist.max(), hist.min()
+        out[t] = max(z[t] - hi, lo - z[t], 0.0) / (hi - lo + margin)
+    return out
+
+
+def series(n: int, seed: int, shift_at: int | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = 50 + 5 * np.sin(np.arange(n) / 20) + rng.normal(0, 1, n)
+    if shift_at is not None:
+        x[shift_at:] += 30
+    return x
+
+
+def write_csv(path: Path, columns: dict[str, list]) -> Path:
+    names = list(columns)
+    lines = [",".join(names)] + [",".join(str(v) for v in row) for row in zip(*columns.values())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stream_bundle(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("stream")
+    train = series(400, 1)
+    data = write_csv(tmp / "train.csv", {"timestamp": list(range(400)), "value": train.tolist()})
+    card = train_stream(data, tmp / "trained", name="pump", window=WINDOW)
+    compile_bundle(tmp / "trained", tmp / "bundle")
+    return tmp / "bundle", {"mean": float(train.mean()), "sd": float(train.std()), "card": card}
+
+
+def config(tmp: Path, bundle: Path, batch: int, threshold: float | None = None) -> RuntimeConfig:
+    return RuntimeConfig(
+        device_id="dev", bundle=str(bundle), batch={"max_records": batch},
+        window={"seconds": 3600, "max_past_s": None},
+        scoring={"providers": ["CPUExecutionProvider"], "threshold": threshold},
+        sinks={"events": str(tmp / "events.jsonl"), "dead_letter": str(tmp / "dl.jsonl"),
+               "outbox": str(tmp / "outbox")},
+        store={"url": str(tmp / "store")}, health={"log_interval_s": 0},
+    )
+
+
+def device_scores(tmp: Path, bundle: Path, records: list[dict], batch: int) -> dict[str, float]:
+    """Every record's score as the device reports it (threshold override below all scores: each
+    record comes out as an event), by record id."""
+    with EdgeRuntime(config(tmp, bundle, batch, threshold=-1.0)) as rt:
+        stats = rt.process(json.dumps(r) for r in records)
+    assert stats.rejected == 0
+    events = [json.loads(line) for line in (tmp / "events.jsonl").read_text().splitlines()]
+    return {e["id"]: e["score"] for e in events if e["kind"] == "outlier"}
+
+
+# --- the device's windows ---------------------------------------------------------------------
+
+
+def test_rows_are_each_streams_last_values_in_arrival_order():
+    spec = StreamSpec(value="value", window=4)
+    sw = StreamWindows(spec)
+    rows = sw.rows(np.array([1, 10, 2, 20, 3, 4, 5], np.float32), ["a", "b", "a", "b", "a", "a", "a"])
+    # a stream's first rows are padded with its first value; b's values never enter a's rows
+    expected = [[1, 1, 1, 1], [10, 10, 10, 10], [1, 1, 1, 2], [10, 10, 10, 20], [1, 1, 2, 3], [1, 2, 3, 4],
+                [2, 3, 4, 5]]
+    assert rows.tolist() == expected
+    assert sw.history("a").tolist() == [3, 4, 5] and sw.history("b").tolist() == [10, 20]
+
+
+def test_batched_rows_equal_one_record_at_a_time():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=500).astype(np.float32)
+    streams = [f"s{k}" for k in rng.integers(0, 7, 500)]
+    spec = StreamSpec(value="value", window=16)
+    one = StreamWindows(spec)
+    single = np.concatenate([one.rows(values[i:i + 1], streams[i:i + 1]) for i in range(500)])
+    many = StreamWindows(spec)
+    batched = np.concatenate([many.rows(values[i:i + 37], streams[i:i + 37]) for i in range(0, 500, 37)])
+    assert np.array_equal(single, batched)
+
+
+def test_streams_beyond_the_limit_are_forgotten_oldest_first():
+    sw = StreamWindows(StreamSpec(value="value", window=3, max_streams=2))
+    sw.rows(np.array([1, 2], np.float32), ["a", "b"])
+    sw.rows(np.array([3], np.float32), ["a"])  # a is now the most recently seen
+    sw.rows(np.array([4], np.float32), ["c"])
+    assert len(sw) == 2 and sw.forgotten == 1
+    assert sw.history("b").size == 0 and sw.history("a").tolist() == [1, 3]
+
+
+def test_a_new_model_adopts_the_streams_history_trimmed_to_its_window():
+    old = StreamWindows(StreamSpec(value="value", window=6))
+    old.rows(np.arange(10, dtype=np.float32), None)
+    new = StreamWindows(StreamSpec(value="value", window=3))
+    new.adopt(old)
+    assert new.history("").tolist() == [8, 9]
+    other = StreamWindows(StreamSpec(value="temperature", window=3))
+    other.adopt(old)  # another value: nothing in common
+    assert len(other) == 0
+
+
+# --- the detector: Python and device agree ----------------------------------------------------
+
+
+def test_training_writes_a_stream_bundle(stream_bundle):
+    bundle, info = stream_bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["stream"] == {"key": "stream_id", "value": "value", "window": WINDOW, "max_streams": 10000}
+    assert manifest["input"]["shape"] == [None, WINDOW]
+    assert manifest["lineage"]["data_sha256"] and manifest["lineage"]["hyperparameters"]["window"] == WINDOW
+    # the calibration holds on its own training series: about 1% of its values score above it
+    train = series(400, 1)
+    ref = reference_scores(train, info["mean"], info["sd"], WINDOW)
+    assert (ref[1:] > manifest["outlier"]["threshold"]).mean() <= 0.0125
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_device_scores_equal_python_record_by_record(stream_bundle, tmp_path, batch):
+    bundle, info = stream_bundle
+    a, b = series(300, 7, shift_at=200), series(300, 8)
+    records = []
+    for t in range(300):  # two streams interleaved; a third record form without a key: the default stream
+        records.append({"ts": 1_700_000_000 + t, "id": f"a{t}", "stream_id": "a", "value": float(a[t])})
+        records.append({"ts": 1_700_000_000 + t, "id": f"b{t}", "stream_id": "b", "value": float(b[t])})
+    got = device_scores(tmp_path, bundle, records, batch)
+    for name, x in (("a", a), ("b", b)):
+        ref = reference_scores(x, info["mean"], info["sd"], WINDOW)
+        dev = np.asarray([got[f"{name}{t}"] for t in range(300)])
+        np.testing.assert_allclose(dev, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_level_shift_is_flagged_then_the_stream_adapts(stream_bundle, tmp_path):
+    bundle, info = stream_bundle
+    x = series(300, 9, shift_at=150)
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(300)]
+    with EdgeRuntime(config(tmp_path, bundle, 1)) as rt:
+        rt.process(json.dumps(r) for r in records)
+    flagged = sorted(int(json.loads(line)["id"]) for line in (tmp_path / "events.jsonl").read_text().splitlines()
+                     if json.loads(line)["kind"] == "outlier")
+    assert 150 in flagged  # the shift itself
+    assert not [t for t in flagged if t > 150 + 2 * WINDOW]  # quiet once the window holds the new level
+
+
+def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
+    bundle, _ = stream_bundle
+    x = series(100, 4)
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(100)]
+    with EdgeRuntime(config(tmp_path, bundle, 8, threshold=-1.0)) as rt:
+        rt.process(json.dumps(r) for r in records[:60])
+        rt.swap(load_model(bundle, rt.config.scoring))
+        rt.process(json.dumps(r) for r in records[60:])
+    swapped = {e["id"]: e["score"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+               if e["kind"] == "outlier"}
+    straight = device_scores(tmp_path / "straight", bundle, records, 8)
+    assert [swapped[str(t)] for t in range(100)] == pytest.approx([straight[str(t)] for t in range(100)])
+
+
+def test_bad_training_data_is_refused_clearly(tmp_path):
+    short = write_csv(tmp_path / "short.csv", {"value": list(range(50))})
+    with pytest.raises(TrainingError, match="need at least"):
+        train_stream(short, tmp_path / "o")
+    other = write_csv(tmp_path / "other.csv", {"reading": list(range(200))})
+    with pytest.raises(TrainingError, match="no column 'value'"):
+        train_stream(other, tmp_path / "o")
+    gaps = write_csv(tmp_path / "gaps.csv", {"ts": [1, 2, 3, 4, 5], "value": ["1.0", "", "nan", "x", "2.5"]})
+    data = read_stream_csv(gaps)
+    assert data.values.tolist() == [1.0, 2.5] and data.dropped == 3
+
+
+# --- NAB's scoring ----------------------------------------------------------------------------
+
+
+def _series(n: int, windows: list[tuple[int, int]]) -> nab.Series:
+    return nab.Series("s.csv", [None] * n, np.zeros(n), windows)
+
+
+def test_nab_null_and_perfect_detectors_score_0_and_100():
+    corpus = [_series(1000, [(400, 499)]), _series(1000, [(300, 349), (700, 799)])]
+    null = {s.name + str(i): np.zeros(1000) for i, s in enumerate(corpus)}
+    for i, s in enumerate(corpus):
+        s.name = s.name + str(i)
+    perfect = {s.name: np.zeros(1000) for s in corpus}
+    for s in corpus:
+        for a, _ in s.windows:
+            perfect[s.name][a] = 1.0
+    for profile in nab.PROFILES:
+        assert nab.score_at(corpus, null, 0.5, profile) == pytest.approx(0.0)
+        assert nab.score_at(corpus, perfect, 0.5, profile) == pytest.approx(100.0)
+
+
+def test_nab_weighs_detections_as_the_benchmark_describes():
+    s = _series(1000, [(400, 499)])
+    s.name = "one.csv"
+    late = np.zeros(1000)
+    late[499] = 1.0  # the window's last row: worth almost nothing
+    worth = nab.scaled_sigmoid(-1 / 100) / nab.MAX_TP
+    assert 0 < worth < 0.03
+    assert nab.score_at([s], {"one.csv": late}, 0.5) == pytest.approx(100 * (worth + 1) / 2)
+    mid = np.zeros(1000)
+    mid[450] = 1.0
+    mid[460] = 1.0  # a second detection in the window counts for nothing
+    expect = nab.scaled_sigmoid(-(499 - 450 + 1) / 100) / nab.MAX_TP
+    assert nab.score_at([s], {"one.csv": mid}, 0.5) == pytest.approx(100 * (expect + 1) / 2)
+    early_fp = mid.copy()
+    early_fp[200] = 1.0  # before any window: a full false positive (standard weight 0.11)
+    assert nab.score_at([s], {"one.csv": early_fp}, 0.5) == pytest.approx(100 * (expect - 0.11 + 1) / 2)
+    probation = mid.copy()
+    probation[100] = 1.0  # inside the first 15%: not counted
+    assert nab.score_at([s], {"one.csv": probation}, 0.5) == pytest.approx(100 * (expect + 1) / 2)
+    # the sweep finds the threshold that keeps the true detection and drops the false one
+    graded = np.zeros(1000)
+    graded[450], graded[200] = 0.9, 0.5
+    best = nab.sweep([s], {"one.csv": graded})
+    assert best["threshold"] == 0.9 and best["score"] == pytest.approx(100 * (expect + 1) / 2)
