@@ -12,6 +12,9 @@ CARD_FILE = "training.json"
 MODEL_FILE = "model.onnx"
 BASELINE_FILE = "baseline.json"
 SAMPLES_FILE = "samples.npy"
+CALIBRATION_FILE = "calibration.npy"  # rows of the training split: int8 calibration (model_compile.variants)
+MAX_SAMPLES = 2000  # held-out rows kept in SAMPLES_FILE for the compile step's parity gates
+MAX_CALIBRATION_ROWS = 1000
 
 
 class TrainingCard(BaseModel):

@@ -5,6 +5,9 @@ ones that stay valid on every execution provider, so a bundle optimised here run
 on CUDA alike. Extended and full levels fuse nodes for a particular provider and are refused unless
 asked for by name. A parity gate runs the original and the optimised model on held-out rows and
 refuses the bundle if they disagree, or if the output is not one value per row.
+
+The fp16 and int8 variants (``model_compile.variants``) are built from the optimised model and
+gated against it; one that fails its gate is left out, with the reason in the manifest.
 """
 
 from __future__ import annotations
@@ -12,15 +15,24 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.bundle import MANIFEST_FILE, sha256_file
-from edge_runtime.contracts import BundleManifest, FeatureSpec, InputSchema, load_summary
-from model_compile.card import BASELINE_FILE, MODEL_FILE, SAMPLES_FILE, load_card
+from edge_runtime.contracts import (
+    BundleManifest,
+    FeatureSpec,
+    InputSchema,
+    ModelVariant,
+    SkippedVariant,
+    load_summary,
+)
+from model_compile.card import BASELINE_FILE, CALIBRATION_FILE, MODEL_FILE, SAMPLES_FILE, load_card
+from model_compile.variants import DEFAULT_TOLERANCE, PRECISIONS, Gate, VariantOutcome, build_variants, gate_rows
 
 CPU_ONLY_DOMAINS = {"ai.onnx.ml"}  # ONNX-ML operators have CPU-provider kernels only
 LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -37,6 +49,7 @@ class CompileResult:
     manifest: BundleManifest
     max_abs_diff: float
     cpu_only_ops: list[str]
+    variants: list[VariantOutcome] = field(default_factory=list)  # kept and left out, in the order asked
 
 
 def row_width(card) -> int:
@@ -103,7 +116,10 @@ def parity(original: np.ndarray, optimised: np.ndarray, rows: int, rtol: float, 
 
 
 def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basic",
-                   rtol: float = 1e-4, atol: float = 1e-5) -> CompileResult:
+                   rtol: float = 1e-4, atol: float = 1e-5, variants: Iterable[str] = PRECISIONS,
+                   variant_tolerance: float = DEFAULT_TOLERANCE) -> CompileResult:
+    """``variants``: which of fp16 and int8 to build and gate (``()`` for none); ``variant_tolerance``:
+    the gate's output tolerance, relative to the scores' distance from the threshold (see variants)."""
     import onnx
 
     model_dir, out = Path(model_dir), Path(out)
@@ -123,6 +139,11 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
     samples = np.load(model_dir / SAMPLES_FILE).astype(np.float32)
     if samples.ndim != 2 or samples.shape[1] != width:
         raise CompileError(f"{SAMPLES_FILE} has shape {samples.shape}; expected (n, {width})")
+    variants = list(dict.fromkeys(variants))
+    unknown = [v for v in variants if v not in PRECISIONS]
+    if unknown:
+        raise CompileError(f"unknown variant(s) {unknown}; choose from {list(PRECISIONS)}")
+    calibration = _calibration_rows(model_dir, width) if "int8" in variants else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
@@ -133,11 +154,20 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
             _run(staging / MODEL_FILE, input_name, card.output.name, samples),
             len(samples), rtol, atol,
         )
+        outcomes = []
+        if variants:
+            gate = Gate(tolerance=variant_tolerance)
+            rows = gate_rows(lambda x: _run(staging / MODEL_FILE, input_name, card.output.name, x), samples,
+                             card.outlier.threshold, card.output.higher_is_outlier, gate)
+            outcomes = build_variants(staging / MODEL_FILE, staging, variants, input_name=input_name,
+                                      output_name=card.output.name, rows=rows, calibration=calibration,
+                                      gpu_capable=not cpu_only, cpu_only_ops=cpu_only, gate=gate)
+        kept = [o for o in outcomes if o.kept]
         shutil.copy(model_dir / BASELINE_FILE, staging / BASELINE_FILE)
         manifest = BundleManifest(
             name=card.name, version=card.version, created_at=datetime.now(timezone.utc),
             model_file=MODEL_FILE, baseline_file=BASELINE_FILE,
-            files={f: sha256_file(staging / f) for f in (MODEL_FILE, BASELINE_FILE)},
+            files={f: sha256_file(staging / f) for f in (MODEL_FILE, BASELINE_FILE, *(o.file for o in kept))},
             input=InputSchema(
                 name=input_name, shape=[None, width],
                 features=[FeatureSpec(name=f) for f in card.features],
@@ -146,6 +176,10 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
             onnx_opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
             optimization=f"onnxruntime {level}", gpu_capable=not cpu_only,
             stream=card.stream, lineage=card.lineage,
+            variants={o.precision: ModelVariant(file=o.file, precision=o.precision, providers=o.providers,
+                                                parity=o.parity) for o in kept},
+            skipped_variants={o.precision: SkippedVariant(precision=o.precision, reason=o.reason, parity=o.parity)
+                              for o in outcomes if not o.kept},
         )
         missing = set(card.features) - set(baseline.features)
         if missing:
@@ -157,4 +191,15 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return CompileResult(out, manifest, diff, cpu_only)
+    return CompileResult(out, manifest, diff, cpu_only, outcomes)
+
+
+def _calibration_rows(model_dir: Path, width: int) -> np.ndarray | None:
+    """The training split's rows for int8 calibration; None for a training output made before them."""
+    path = model_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    rows = np.load(path).astype(np.float32)
+    if rows.ndim != 2 or rows.shape[1] != width or not len(rows):
+        raise CompileError(f"{CALIBRATION_FILE} has shape {rows.shape}; expected (n, {width})")
+    return rows
