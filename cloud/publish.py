@@ -145,16 +145,19 @@ def publish_recipe(recipe: dict, version: str, bucket: str) -> str:
 
 
 def _check_approved(registry, model: str, version: str) -> None:
-    """Only a model version someone approved goes to a fleet."""
-    from .registry import approval
+    """Only a model version someone approved goes to a fleet. ``registry``: a ``Registry`` (local or
+    SageMaker Model Registry), or an object store holding a local registry."""
+    from .registry import as_registry, is_sagemaker
 
     if registry is None:
         raise ComponentError(f"model {model} {version}: give the registry it was approved in (--registry), "
                              "or --unapproved to publish it without approval")
-    status = approval(registry, model, version)
+    registry = as_registry(registry)
+    status = registry.approval(model, version)
     if status != "Approved":
+        where = f"--registry {registry.spec}" if is_sagemaker(registry.spec) else f"--store {registry.spec}"
         raise ComponentError(f"model {model} {version} is {status or 'not registered'} in the registry; approve it "
-                             f"first: edgeloop model approve --model {model} --version {version} --store ...")
+                             f"first: edgeloop model approve --model {model} --version {version} {where}")
 
 
 def ensure_bucket(s3, bucket: str, region: str) -> None:

@@ -30,7 +30,7 @@ from edge_runtime.store import ObjectStore
 from edge_runtime.summary import summarise
 
 from . import drift_stats as st
-from .registry import register, set_approval
+from .registry import PENDING, Registry, as_registry
 from .train import TrainingError, apply_missing_policy, parse_missing_policy, read_training_csv, train
 
 CALIBRATION_TOLERANCE = 0.005
@@ -83,9 +83,10 @@ def evaluate(bundle_dir: str | Path, rows: np.ndarray, names: list[str]) -> Eval
 
 
 def retrain(data: str | Path, champion: str | Path, out_dir: str | Path, new_version: str,
-            store: ObjectStore | None = None, approve: bool = False, holdout: float = 0.3,
+            store: Registry | ObjectStore | None = None, approve: bool = False, holdout: float = 0.3,
             min_gain: float = 0.02, seed: int = 0, missing: str | None = None) -> RetrainResult:
-    """Train a challenger on ``data``, compare it with the ``champion`` bundle, register it if better."""
+    """Train a challenger on ``data``, compare it with the ``champion`` bundle, register it if better
+    (``store``: a registry, or an object store holding a local one), with both evaluations as its metrics."""
     from model_compile.compile import compile_bundle
 
     out = Path(out_dir)
@@ -116,8 +117,17 @@ def retrain(data: str | Path, champion: str | Path, out_dir: str | Path, new_ver
               f"flagged {before.flagged_rate:.2%} -> {after.flagged_rate:.2%} (target {after.target_rate:.2%})")
     result = RetrainResult(before, after, better, reason, compiled.bundle)
     if better and store is not None:
-        register(compiled.bundle, store)
-        result.approval = "Approved" if approve else "PendingManualApproval"
-        set_approval(store, champ.manifest.name, new_version, result.approval, note=reason)
+        registry = as_registry(store)
+        wanted = "Approved" if approve else PENDING
+        metrics = {"retrain": {"champion": _as_metrics(before), "challenger": _as_metrics(after), "reason": reason}}
+        done = registry.register(compiled.bundle, metrics, status=wanted, note=reason)
+        if done.approval != wanted:  # registered before: this decision replaces the earlier one
+            registry.set_approval(champ.manifest.name, new_version, wanted, note=reason)
+        result.approval = wanted
         result.registered = True
     return result
+
+
+def _as_metrics(e: Evaluation) -> dict:
+    return {"version": e.version, "rows": e.rows, "flagged_rate": e.flagged_rate, "target_rate": e.target_rate,
+            "calibration_error": e.calibration_error, "worst_ks": e.worst_ks, "worst_feature": e.worst_feature}
