@@ -13,30 +13,123 @@ from edge_runtime.cli import add_run_arguments, run_command
 
 
 def _train(args) -> int:
-    from cloud.train import train
+    """Here, through the training entry point (cloud/train_entry.py), or the same entry point as a
+    SageMaker training job (cloud/sagemaker_train.py); either way the card records the lineage."""
+    from cloud import train_entry
 
-    features = [f.strip() for f in args.features.split(",")] if args.features else None
-    result = train(args.data, args.out, name=args.name, version=args.version, features=features,
-                   target_fpr=args.fpr, components=args.components, seed=args.seed, missing=args.missing)
-    card = result.card
+    hps = {k: getattr(args, k) for k in ("name", "version", "features", "fpr", "components", "seed", "missing",
+                                         "window") if getattr(args, k) is not None}
+    if args.detector:
+        hps["model"] = args.detector
+    for item in args.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"edgeloop train: error: --hp {item!r}: give KEY=VALUE", file=sys.stderr)
+            return 2
+        if key.strip() in hps:
+            print(f"edgeloop train: error: hyperparameter {key.strip()} given twice", file=sys.stderr)
+            return 2
+        hps[key.strip()] = value
+    remote = {"--role": args.role, "--instance-type": args.instance_type, "--image": args.image,
+              "--bucket": args.bucket, "--prefix": args.prefix, "--region": args.region,
+              "--endpoint-url": args.endpoint_url, "--max-runtime": args.max_runtime, "--job-name": args.job_name}
+    if not args.sagemaker:
+        given = [flag for flag, value in remote.items() if value is not None]
+        if given:
+            print(f"edgeloop train: error: {', '.join(given)}: only with --sagemaker", file=sys.stderr)
+            return 2
+        trained = train_entry.run(args.data, args.out, hps)
+        card, out_dir = trained.result.card, trained.result.out_dir
+    else:
+        if not args.role:
+            print("edgeloop train: error: --sagemaker needs --role ARN, the IAM role the training job runs as "
+                  "(docs/training.md says what it needs)", file=sys.stderr)
+            return 2
+        from cloud.drift import parse_span
+        from cloud.sagemaker_train import DEFAULT_PREFIX, Detached, TrainingJobError, train_on_sagemaker
+
+        def status(job: str, state: str, secondary: str, message: str, seconds: float) -> None:
+            detail = f" / {secondary}" if secondary and secondary != state else ""
+            print(f"[{seconds / 60:5.1f} min] {job}: {state}{detail}" + (f": {message}" if message else ""),
+                  file=sys.stderr, flush=True)
+
+        def log_line(stream: str, line: str) -> None:
+            print(f"  {stream.rpartition('/')[2]} | {line}", file=sys.stderr, flush=True)
+
+        max_runtime = int(parse_span(args.max_runtime).total_seconds()) if args.max_runtime else None
+        try:
+            done = train_on_sagemaker(
+                args.data, args.out, hps, role_arn=args.role, instance_type=args.instance_type,
+                image_uri=args.image, bucket=args.bucket, prefix=args.prefix if args.prefix is not None else
+                DEFAULT_PREFIX, region=args.region, endpoint_url=args.endpoint_url, job_name=args.job_name,
+                **({"max_runtime_s": max_runtime} if max_runtime else {}), on_status=status, on_log=log_line)
+        except Detached as err:
+            print(f"edgeloop train: {err}", file=sys.stderr)
+            return 130
+        except TrainingJobError as err:
+            print(f"edgeloop train: error: {err}", file=sys.stderr)
+            return 1
+        card, out_dir = done.card, done.out_dir
+        job = card.lineage["training_job"]
+        print(f"SageMaker training job {job['name']} ({job.get('instance_type')}, {job.get('image')}): "
+              f"model {card.lineage['model_artifact']}")
     print(f"trained {card.name} {card.version} on {card.train_rows} rows, features {card.features}")
     gaps = card.missing_values
     if gaps.get("rows_dropped") or gaps.get("imputed"):
         imputed = ", ".join(f"{n} {v['count']}" for n, v in gaps["imputed"].items()) or "none"
         print(f"missing values: {gaps['rows_dropped']} rows dropped, imputed (median): {imputed}")
+    holdout_fpr = card.lineage.get("metrics", {}).get("holdout_fpr", float("nan"))
     print(f"threshold {card.outlier.threshold:.4f} (target FPR {card.outlier.target_false_positive_rate:.2%}, "
-          f"held-out FPR {result.holdout_fpr:.2%}) -> {result.out_dir}")
+          f"held-out FPR {holdout_fpr:.2%}) -> {out_dir}")
+    print(f"data sha256 {card.lineage['data']['sha256']} ({card.lineage['data']['rows']} rows), lineage in "
+          f"{Path(out_dir) / 'training.json'}")
     return 0
 
 
 def _compile(args) -> int:
     from model_compile.compile import compile_bundle
 
-    result = compile_bundle(args.model, args.out, level=args.optimization)
+    result = compile_bundle(args.model, args.out, level=args.optimization, variants=_variants(args.variants),
+                            variant_tolerance=args.variant_tolerance)
+    _print_compiled(result)
+    return 0
+
+
+def _variants(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else _csv(text)
+
+
+def _print_compiled(result) -> None:
+    """The bundle, then each variant: kept with what its gate measured, or left out and why."""
     m = result.manifest
     print(f"bundle {m.name} {m.version} -> {result.bundle} (parity max abs diff {result.max_abs_diff:.3g})")
     if result.cpu_only_ops:
         print(f"note: CPU-provider-only operators {result.cpu_only_ops}: this model will not use a GPU")
+    for v in result.variants:
+        p = v.parity
+        figures = (f"max rel diff {p['max_rel_diff']:.3g} (tolerance {p['tolerance']:g}), decisions agree "
+                   f"{p['decision_agreement']:.2%} of {int(p['rows'])} held-out rows, far outliers kept "
+                   f"{p['far_recall']:.2%}") if "max_rel_diff" in p else ""
+        if v.kept:
+            print(f"variant {v.precision}: kept as {v.file} for {', '.join(v.providers)}: {figures} "
+                  f"[gated on {', '.join(v.evaluated_with)}]")
+        else:
+            print(f"variant {v.precision}: left out: {v.reason}" + (f" [{figures}]" if figures else ""))
+
+
+def _bundle(args) -> int:
+    from model_compile.byo import bundle_onnx
+
+    threshold_given = args.threshold is not None
+    result = bundle_onnx(args.onnx, args.data, args.out, higher_is_outlier=args.higher_is_outlier,
+                         features=_csv(args.features) if args.features else None, score_output=args.score_output,
+                         target_fpr=args.fpr, threshold=args.threshold, name=args.name, version=args.version,
+                         meaning=args.meaning, variants=_variants(args.variants), level=args.optimization)
+    rule = result.card.outlier
+    how = "as given" if threshold_given else f"at target FPR {rule.target_false_positive_rate:.2%}"
+    print(f"scored {result.rows} rows of {args.data} ({result.dropped} with gaps left out); threshold "
+          f"{rule.threshold:.6g} {how}: {result.data_fpr:.2%} of the rows above it")
+    _print_compiled(result.compiled)
     return 0
 
 
@@ -72,9 +165,10 @@ def _component_lock(args) -> int:
 
 def _component_publish(args) -> int:
     from cloud.publish import publish
-    from edge_runtime.store import open_store
+    from cloud.registry import open_registry
 
-    registry = open_store(args.registry, args.endpoint_url) if args.registry else None
+    registry = open_registry(args.registry, endpoint_url=args.endpoint_url, region=args.region) if args.registry \
+        else None
     done = publish(args.build_dir, bucket=args.bucket, region=args.region, only=args.component or None,
                    registry=registry, unapproved=args.unapproved,
                    wait_s=0 if args.no_wait else args.wait, progress=lambda m: print(m, file=sys.stderr))
@@ -359,22 +453,36 @@ def _fleet_watch(args) -> int:
 
 
 def _model(args) -> int:
-    from cloud.registry import register, set_approval, versions
-    from edge_runtime.store import open_store
+    from cloud.registry import PENDING, LocalRegistry, is_sagemaker, open_registry
 
-    store = open_store(args.store, args.endpoint_url)
+    sagemaker = is_sagemaker(args.registry)
+    if not sagemaker and bool(args.registry) == bool(args.store):
+        print(f"edgeloop model {args.action}: error: give the local registry's --store (a folder or "
+              "s3://bucket/prefix), or --registry sagemaker" + (", not both" if args.store else ""), file=sys.stderr)
+        return 2
+    if sagemaker:
+        registry = open_registry(args.registry, args.store, endpoint_url=args.endpoint_url, region=args.region)
+    else:
+        registry = open_registry(args.registry or args.store, endpoint_url=args.endpoint_url)
     if args.action == "register":
-        key = register(args.bundle, store)
-        print(f"registered: {key} (PendingManualApproval)")
+        done = registry.register(args.bundle, status="Approved" if args.approve else PENDING,
+                                 note=args.note or ("registered" if not args.approve else "approved when registered"))
+        print(f"registered: {done.ref} ({done.approval})")
     elif args.action == "list":
-        rows = versions(store, args.model)
+        if args.rebuild_index:
+            if not isinstance(registry, LocalRegistry):
+                print("edgeloop model list: error: --rebuild-index is for the local registry", file=sys.stderr)
+                return 2
+            print(f"index rebuilt: {registry.rebuild_index()} versions", file=sys.stderr)
+        rows = registry.versions(args.model)
         for row in rows:
-            print(f"{row['model']:<24} {row['version']:<12} {row['approval']}")
+            ref = f" {row.ref}" if row.number is not None else ""  # SageMaker: the package's ARN, /<its number>
+            print(f"{row.model:<24} {row.version:<12} {row.approval:<21}{ref}".rstrip())
         if not rows:
-            print(f"no registered model{' ' + args.model if args.model else ''} in {args.store}")
+            print(f"no registered model{' ' + args.model if args.model else ''} in {registry.spec}")
     else:
         status = {"approve": "Approved", "reject": "Rejected"}[args.action]
-        set_approval(store, args.model, args.version, status, note=args.note or "")
+        registry.set_approval(args.model, args.version, status, note=args.note or "")
         print(f"{args.model} {args.version}: {status}")
     return 0
 
@@ -395,17 +503,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the default outlier detector on a CSV")
+    p = sub.add_parser("train", help="train the default outlier detector on a CSV, here or on SageMaker")
     p.add_argument("--data", required=True, help="CSV with a header row and numeric feature columns")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--name", default="sensor-outliers")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--name", help="the model's name (default sensor-outliers)")
+    p.add_argument("--version", help="the model's version (default 1.0.0)")
     p.add_argument("--features", help="comma-separated feature columns (default: every numeric column)")
-    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
-    p.add_argument("--components", type=int, default=3, help="Gaussian mixture components")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--missing", default="impute", help="gaps (empty, non-numeric, nan, inf cells): impute (the "
-                   "median) or drop (the row), for all features or per feature: impute,humidity=drop")
+    p.add_argument("--fpr", type=float, help="target false-positive rate (default 0.01)")
+    p.add_argument("--components", type=int, help="Gaussian mixture components (default 3)")
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--missing", help="gaps (empty, non-numeric, nan, inf cells): impute (the median, the default) "
+                   "or drop (the row), for all features or per feature: impute,humidity=drop")
+    p.add_argument("--detector", choices=["tabular", "stream"], help="tabular (default): rows of features; stream: "
+                   "one value per record, scored against the stream's recent values (docs/streams.md)")
+    p.add_argument("--window", type=int, help="stream: values per model row (default 1024)")
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other hyperparameter of the training "
+                   "entry point (model=tabular, holdout=0.2, ...; see docs/training.md); repeatable")
+    g = p.add_argument_group("SageMaker", "run the same training as a SageMaker training job (docs/training.md)")
+    g.add_argument("--sagemaker", action="store_true", help="train in a SageMaker training job, follow it, "
+                   "download the model into --out with the job's lineage")
+    g.add_argument("--role", metavar="ARN", help="the IAM role the job runs as (required with --sagemaker)")
+    g.add_argument("--instance-type", help="(default ml.m5.large)")
+    g.add_argument("--image", metavar="URI", help="training image (default: the SageMaker scikit-learn 1.4-2 "
+                   "framework image of the region, Python 3.10)")
+    g.add_argument("--bucket", help="for the data, code and model (default: sagemaker-<region>-<account>, "
+                   "which must exist)")
+    g.add_argument("--prefix", help="key prefix in the bucket (default edgeloop/training)")
+    g.add_argument("--region")
+    g.add_argument("--endpoint-url", help="one endpoint for S3, SageMaker, CloudWatch Logs and STS (LocalStack, "
+                   "tests)")
+    g.add_argument("--max-runtime", help="SageMaker stops the job after this long: 90m, 2h, 3600 (default 1h)")
+    g.add_argument("--job-name", help="default: edgeloop-train-<UTC time>-<random>")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compile", help="check, optimise and bundle a trained model")
@@ -413,7 +541,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--optimization", default="basic", choices=["none", "basic", "extended", "all"],
                    help="ONNX Runtime offline level; only none/basic stay portable across providers")
+    p.add_argument("--variants", default="fp16,int8", help="reduced-precision variants to build and gate: fp16 "
+                   "(GPU providers), int8 (CPU), both (default) or none; one that fails its gate is left out")
+    p.add_argument("--variant-tolerance", type=float, default=0.02, help="the variants' output tolerance, "
+                   "relative to the scores' distance from the threshold (docs/compile.md; default 0.02)")
     p.set_defaults(func=_compile)
+
+    p = sub.add_parser("bundle", help="bundle your own ONNX model, with representative data (docs/compile.md)")
+    p.add_argument("--onnx", required=True, help="the model: one float32 input [N, features], one score per row")
+    p.add_argument("--data", required=True, help="CSV of representative rows with a header: the baseline, the "
+                   "threshold and the parity gates (at least 100 complete rows)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--features", help="comma-separated input columns in the model's order (default: the CSV's "
+                   "numeric columns, in its order)")
+    p.add_argument("--score-output", help="the output holding the score (default: the model's only output)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--higher-is-outlier", dest="higher_is_outlier", action="store_true", default=None,
+                           help="a higher score means a more unusual row (a distance, an anomaly score)")
+    direction.add_argument("--lower-is-outlier", dest="higher_is_outlier", action="store_false",
+                           help="a lower score means a more unusual row (a likelihood, a similarity)")
+    limit = p.add_mutually_exclusive_group()
+    limit.add_argument("--fpr", type=float, default=0.01, help="calibrate the threshold so this share of the "
+                       "data rows is flagged (default 0.01)")
+    limit.add_argument("--threshold", type=float, help="use this threshold on the outlier score (the output, "
+                       "negated with --lower-is-outlier)")
+    p.add_argument("--name", help="model name (default: the ONNX file's name)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--meaning", help="what the score means, for the manifest")
+    p.add_argument("--optimization", default="basic", choices=["none", "basic", "extended", "all"],
+                   help="ONNX Runtime offline level; only none/basic stay portable across providers")
+    p.add_argument("--variants", default="fp16,int8", help="fp16, int8, both (default) or none")
+    p.set_defaults(func=_bundle)
 
     comp = sub.add_parser("component", help="Greengrass components").add_subparsers(dest="action", required=True)
     p = comp.add_parser("build", help="GDK custom build: write greengrass-build/ (downloads wheels, cached)")
@@ -435,8 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", help="exactly this bucket (default: gdk-config's bucket-<region>-<account>)")
     p.add_argument("--region", help="default: gdk-config's publish.region")
     p.add_argument("--component", action="append", help="only this component (repeatable)")
-    p.add_argument("--registry", help="the model registry (folder or s3://): model versions must be approved there")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint of the registry")
+    p.add_argument("--registry", help="the model registry model versions must be approved in: a folder or "
+                   "s3://bucket/prefix (local registry), or sagemaker[:GROUP_PREFIX] (SageMaker Model Registry, "
+                   "in --region)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint of the registry (and SageMaker's, for LocalStack)")
     p.add_argument("--unapproved", action="store_true", help="publish model versions without approval")
     p.add_argument("--wait", type=float, default=120, help="seconds to wait for each to be deployable")
     p.add_argument("--no-wait", action="store_true")
@@ -561,12 +721,21 @@ def build_parser() -> argparse.ArgumentParser:
                          ("list", "registered versions and their approval"),
                          ("approve", "approve a version"), ("reject", "reject a version")):
         p = model.add_parser(action, help=text)
-        p.add_argument("--store", required=True, help="the registry: a local directory or s3://bucket/prefix")
-        p.add_argument("--endpoint-url")
+        p.add_argument("--store", help="the local registry: a directory or s3://bucket/prefix; with --registry "
+                       "sagemaker, the s3:// store for the bundle and baseline (to register)")
+        p.add_argument("--registry", metavar="sagemaker[:GROUP_PREFIX]", help="SageMaker Model Registry (model "
+                       "package groups named GROUP_PREFIX + model) instead of the local registry in --store")
+        p.add_argument("--region", help="SageMaker's region (default: the AWS configuration's)")
+        p.add_argument("--endpoint-url", help="S3-compatible endpoint of the store (and SageMaker's, for LocalStack)")
         if action == "register":
             p.add_argument("--bundle", required=True)
+            p.add_argument("--approve", action="store_true", help="register it Approved (default: pending approval)")
+            p.add_argument("--note", help="with --approve: why, kept with the status")
         else:
             p.add_argument("--model", required=action != "list")
+        if action == "list":
+            p.add_argument("--rebuild-index", action="store_true", help="local registry: rebuild its index from the "
+                           "registered versions first (after another tool wrote to the store)")
         if action in ("approve", "reject"):
             p.add_argument("--version", required=True)
             p.add_argument("--note", help="why, kept with the status")

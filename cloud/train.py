@@ -8,27 +8,34 @@ providers too. The threshold is the (1 - target FPR) quantile of the scores of h
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.contracts import NumericSummary, OutlierRule, OutputSpec, WindowSummary
-from edge_runtime.summary import summarise
-from model_compile.card import BASELINE_FILE, MODEL_FILE, SAMPLES_FILE, TrainingCard
+from edge_runtime.contracts import OutlierRule, OutputSpec
+from model_compile.baseline import (  # noqa: F401  (moved to model_compile; imported from here by others)
+    HIST_BINS,
+    NON_FEATURE_COLUMNS,
+    TrainingData,
+    TrainingError,
+    make_baseline,
+    quantile_edges,
+    read_training_csv,
+)
+from model_compile.card import (
+    BASELINE_FILE,
+    CALIBRATION_FILE,
+    MAX_CALIBRATION_ROWS,
+    MAX_SAMPLES,
+    MODEL_FILE,
+    SAMPLES_FILE,
+    TrainingCard,
+)
 
-NON_FEATURE_COLUMNS = {"ts", "timestamp", "time", "id", "label", "anomaly", "is_anomaly", "device_id"}
-HIST_BINS = 10
 ONNX_OPSET = 17
 SCORE_OUTPUT = "score_samples"
-
-
-class TrainingError(ValueError):
-    """The training data cannot be used as given."""
 
 
 @dataclass
@@ -38,64 +45,7 @@ class TrainResult:
     holdout_fpr: float
 
 
-@dataclass
-class TrainingData:
-    """The feature matrix as read: NaN where a cell was empty or not a finite number."""
-
-    names: list[str]
-    X: np.ndarray  # float64, rows x features
-    missing: dict[str, int]  # empty or non-numeric cells per feature
-    nonfinite: dict[str, int]  # nan or inf per feature
-    skipped: int = 0  # rows too short for the header
-
-
 MISSING_POLICIES = ("impute", "drop")
-
-
-def read_training_csv(path: str | Path, features: list[str] | None = None) -> TrainingData:
-    """Numeric feature columns of a CSV; what is missing or not finite is kept as NaN and counted."""
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise TrainingError(f"{path}: empty file") from None
-        rows = list(reader)
-    if not rows:
-        raise TrainingError(f"{path}: no data rows")
-    if features:
-        unknown = [f for f in features if f not in header]
-        if unknown:
-            raise TrainingError(f"{path}: no column(s) {unknown}")
-        names = features
-    else:
-        names = [h for i, h in enumerate(header)
-                 if h.lower() not in NON_FEATURE_COLUMNS and _is_numeric_column(rows, i)]
-        if not names:
-            raise TrainingError(f"{path}: no numeric feature columns")
-    idx = [header.index(n) for n in names]
-    data, skipped = [], 0
-    missing, nonfinite = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
-    for row in rows:
-        if len(row) <= max(idx):
-            skipped += 1
-            continue
-        values = []
-        for name, i in zip(names, idx):
-            try:
-                v = float(row[i])
-            except ValueError:
-                missing[name] += 1
-                v = math.nan
-            else:
-                if not math.isfinite(v):
-                    nonfinite[name] += 1
-                    v = math.nan
-            values.append(v)
-        data.append(values)
-    return TrainingData(names, np.asarray(data, dtype=np.float64).reshape(-1, len(names)), missing, nonfinite,
-                        skipped)
 
 
 def parse_missing_policy(text: str | None, names: list[str]) -> dict[str, str]:
@@ -144,48 +94,12 @@ def read_numeric_csv(path: str | Path, features: list[str] | None = None) -> tup
     return data.names, X
 
 
-def _is_numeric_column(rows: list[list[str]], i: int) -> bool:
-    sample = [r[i] for r in rows[:200] if i < len(r) and r[i].strip()]
-    try:
-        [float(v) for v in sample]
-    except ValueError:
-        return False
-    return bool(sample)
-
-
-def quantile_edges(values: np.ndarray, bins: int = HIST_BINS) -> list[float]:
-    """Inner bin edges at the baseline's quantiles: each bin holds about 1/bins of it."""
-    edges = np.quantile(values.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1])
-    # device data is float32: edges that are float32 values lose nothing, and take half the bytes
-    return np.unique(edges.astype(np.float32)).astype(np.float64).tolist()
-
-
-def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scores: np.ndarray,
-                  outliers: int, raw: TrainingData | None = None) -> WindowSummary:
-    """The training data in the window-summary format. With ``raw``, each feature is summarised as
-    read (gaps counted as missing or non-finite, as a device counts them), on the training rows'
-    bins, so the review compares devices with the data as it came."""
-    now = datetime.now(timezone.utc)
-    features: dict[str, NumericSummary] = {}
-    for j, n in enumerate(names):
-        edges = quantile_edges(X[:, j])
-        if raw is None:
-            features[n] = summarise(X[:, j], edges)
-            continue
-        column = raw.X[:, j]
-        s = summarise(column[np.isfinite(column)].astype(np.float32), edges)
-        s.missing, s.nonfinite, s.nan = raw.missing[n], raw.nonfinite[n], raw.nonfinite[n]
-        features[n] = s
-    return WindowSummary(
-        model_name=name, model_version=version, device_id="training",
-        window_start=now, window_end=now, records=len(X), outliers=outliers,
-        features=features, score=summarise(scores, quantile_edges(scores)),
-    )
-
-
 def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers",
           version: str = "1.0.0", features: list[str] | None = None, target_fpr: float = 0.01,
-          components: int = 3, holdout: float = 0.2, seed: int = 0, missing: str | None = None) -> TrainResult:
+          components: int = 3, holdout: float = 0.2, seed: int = 0, missing: str | None = None,
+          lineage: dict | None = None) -> TrainResult:
+    """Fit, export and calibrate; ``lineage`` (where the data and the run came from, see
+    cloud/train_entry.py) goes into the training card as given, and from there into the bundle."""
     import onnxruntime as ort
     from skl2onnx import to_onnx
     from sklearn.mixture import GaussianMixture
@@ -229,7 +143,9 @@ def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers
     baseline = make_baseline(name, version, names, X_train, train_scores, int((train_scores > threshold).sum()),
                              raw=raw)
     (out / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
-    np.save(out / SAMPLES_FILE, X_hold[:256])
+    # held-out rows for the compile step's parity gates; training rows to calibrate its int8 variant on
+    np.save(out / SAMPLES_FILE, X_hold[:MAX_SAMPLES])
+    np.save(out / CALIBRATION_FILE, X_train[:MAX_CALIBRATION_ROWS])
     card = TrainingCard(
         name=name, version=version, features=names,
         output=OutputSpec(name=SCORE_OUTPUT, meaning="log-likelihood of the row under the Gaussian "
@@ -237,7 +153,7 @@ def train(data: str | Path, out_dir: str | Path, *, name: str = "sensor-outliers
         outlier=OutlierRule(threshold=threshold, target_false_positive_rate=target_fpr,
                             calibration_rows=int(n_hold)),
         algorithm=f"StandardScaler+GaussianMixture(n_components={components}, covariance=full)",
-        train_rows=len(X_train), missing_values=missing_report,
+        train_rows=len(X_train), missing_values=missing_report, lineage=dict(lineage or {}),
     )
     (out / "training.json").write_text(json.dumps(card.model_dump(), indent=1))
     return TrainResult(out, card, float((hold_scores > threshold).mean()))
