@@ -5,14 +5,17 @@ trouble is a value the stream has not reached for a long while: a spike above ev
 ``window`` values, or a drop below all of them. The score is how far the newest value falls outside
 the range of the window's earlier values, as a fraction of that range (plus a floor of ``margin``
 baseline standard deviations, so a flat stream does not divide by zero): 0 inside the range, 0.1 for
-an excursion a tenth of the range beyond it. Because the range is the stream's own recent one, the
-detector adapts: after a level shift it fires once and then, as the window fills with the new level,
-falls quiet, instead of flagging every later record.
+an excursion a tenth of the range beyond it. The same is asked of the stream smoothed (the mean of
+each ``smooth`` consecutive values), weighted ``smooth_weight``: a run of values that is unusual
+together (spikes coming denser, a level creeping past its usual band) shows there when no single
+value is a record. The score is the larger of the two. Because the range is the stream's own recent
+one, the detector adapts: after a level shift it fires and then, as the window fills with the new
+level, falls quiet, instead of flagging every later record.
 
 The graph reads one row per record: the stream's last ``window`` values, oldest first (the device
 builds these rows, ``edge_runtime.streams``). It normalises with the training data's mean and standard
-deviation (so large-valued streams stay precise in float32), and uses only Sub/Div/Slice/ReduceMax/
-ReduceMin/Max/Add, which every execution provider runs. The threshold is calibrated, as for the
+deviation (so large-valued streams stay precise in float32), and uses only Sub/Div/Mul/Slice/ReduceMax/
+ReduceMin/Max/Add/AveragePool/(Un)Squeeze, which every execution provider runs. The threshold is calibrated, as for the
 tabular detector, at the (1 - target FPR) quantile of the scores the same graph gives on the training
 series, read through the device's own window builder.
 """
@@ -20,7 +23,6 @@ series, read through the device's own window builder.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.train import TrainingError, make_baseline
+from cloud.train import TrainingError, TrainResult, make_baseline
 from edge_runtime.contracts import OutlierRule, OutputSpec, StreamSpec
 from edge_runtime.streams import StreamWindows, stream_name
 from model_compile.card import BASELINE_FILE, MODEL_FILE, SAMPLES_FILE, TrainingCard
@@ -38,6 +40,8 @@ INPUT_NAME = "window"
 ONNX_OPSET = 17
 DEFAULT_WINDOW = 1024
 DEFAULT_MARGIN = 0.5  # baseline standard deviations added to the range: the floor of the denominator
+DEFAULT_SMOOTH = 8  # values per mean in the smoothed series
+DEFAULT_SMOOTH_WEIGHT = 3.0  # how much a smoothed excursion counts against a raw one
 MIN_ROWS = 100
 
 
@@ -74,32 +78,52 @@ def read_stream_csv(path: str | Path, value: str = "value", key: str = "stream_i
     return StreamData(np.asarray(values, dtype=np.float64), streams, dropped)
 
 
-def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MARGIN):
+def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MARGIN, smooth: int = DEFAULT_SMOOTH,
+                smooth_weight: float = DEFAULT_SMOOTH_WEIGHT):
     """The ONNX graph: (n, window) float32 -> (n, 1) scores."""
     from onnx import TensorProto, helper
+
+    if not 2 <= smooth <= window // 2:
+        raise TrainingError(f"smooth must be 2 .. window/2 ({window // 2}), got {smooth}")
 
     def const(name: str, v: float):
         return helper.make_tensor(name, TensorProto.FLOAT, [1], [v])
 
+    def excursion(series: str, width: str, out: str) -> list:
+        """``out``: how far the last value of ``series`` falls outside the range of the ones before it."""
+        p = f"{out}_"
+        return [
+            helper.make_node("Slice", [series, "zero_i", width, "axis1"], [p + "hist"]),
+            helper.make_node("Slice", [series, width, "end_i", "axis1"], [p + "newest"]),
+            helper.make_node("ReduceMax", [p + "hist"], [p + "hi"], axes=[1], keepdims=1),
+            helper.make_node("ReduceMin", [p + "hist"], [p + "lo"], axes=[1], keepdims=1),
+            helper.make_node("Sub", [p + "newest", p + "hi"], [p + "above"]),
+            helper.make_node("Sub", [p + "lo", p + "newest"], [p + "below"]),
+            helper.make_node("Max", [p + "above", p + "below", "zero"], [p + "excess"]),
+            helper.make_node("Sub", [p + "hi", p + "lo"], [p + "range"]),
+            helper.make_node("Add", [p + "range", "margin"], [p + "scale"]),
+            helper.make_node("Div", [p + "excess", p + "scale"], [out]),
+        ]
+
     nodes = [
         helper.make_node("Sub", [INPUT_NAME, "mean"], ["centred"]),
         helper.make_node("Div", ["centred", "sd"], ["z"]),
-        helper.make_node("Slice", ["z", "hist_start", "hist_end", "axis1"], ["hist"]),
-        helper.make_node("Slice", ["z", "hist_end", "last_end", "axis1"], ["newest"]),
-        helper.make_node("ReduceMax", ["hist"], ["hi"], axes=[1], keepdims=1),
-        helper.make_node("ReduceMin", ["hist"], ["lo"], axes=[1], keepdims=1),
-        helper.make_node("Sub", ["newest", "hi"], ["above"]),
-        helper.make_node("Sub", ["lo", "newest"], ["below"]),
-        helper.make_node("Max", ["above", "below", "zero"], ["excess"]),
-        helper.make_node("Sub", ["hi", "lo"], ["range"]),
-        helper.make_node("Add", ["range", "margin"], ["scale"]),
-        helper.make_node("Div", ["excess", "scale"], [SCORE_OUTPUT]),
+        *excursion("z", "raw_width", "raw_score"),
+        # the mean of every `smooth` consecutive values: (n, 1, window) -> (n, 1, window - smooth + 1)
+        helper.make_node("Unsqueeze", ["z", "axis1"], ["z3"]),
+        helper.make_node("AveragePool", ["z3"], ["means3"], kernel_shape=[smooth], strides=[1]),
+        helper.make_node("Squeeze", ["means3", "axis1"], ["means"]),
+        *excursion("means", "mean_width", "mean_excursion"),
+        helper.make_node("Mul", ["mean_excursion", "smooth_weight"], ["mean_score"]),
+        helper.make_node("Max", ["raw_score", "mean_score"], [SCORE_OUTPUT]),
     ]
     inits = [
         const("mean", mean), const("sd", sd), const("zero", 0.0), const("margin", margin),
-        helper.make_tensor("hist_start", TensorProto.INT64, [1], [0]),
-        helper.make_tensor("hist_end", TensorProto.INT64, [1], [window - 1]),
-        helper.make_tensor("last_end", TensorProto.INT64, [1], [window]),
+        const("smooth_weight", smooth_weight),
+        helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("raw_width", TensorProto.INT64, [1], [window - 1]),
+        helper.make_tensor("mean_width", TensorProto.INT64, [1], [window - smooth]),
+        helper.make_tensor("end_i", TensorProto.INT64, [1], [2**62]),
         helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
     ]
     graph = helper.make_graph(
@@ -121,10 +145,12 @@ def _windows(data: StreamData, spec: StreamSpec) -> np.ndarray:
 
 def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-outliers", version: str = "1.0.0",
                  value: str = "value", key: str = "stream_id", window: int = DEFAULT_WINDOW,
-                 target_fpr: float = 0.01, margin: float = DEFAULT_MARGIN, rows: int | None = None,
-                 lineage: dict | None = None) -> TrainingCard:
+                 target_fpr: float = 0.01, margin: float = DEFAULT_MARGIN, smooth: int = DEFAULT_SMOOTH,
+                 smooth_weight: float = DEFAULT_SMOOTH_WEIGHT, rows: int | None = None,
+                 lineage: dict | None = None) -> TrainResult:
     """Fit the stream detector on a CSV's ``value`` column (its first ``rows`` rows, or all) and write a
-    training output that ``compile_bundle`` turns into a bundle."""
+    training output that ``compile_bundle`` turns into a bundle. ``lineage`` (the training entry
+    point's record) goes into the card; without it, the data file, its checksum and the settings."""
     import onnxruntime as ort
 
     if not 0 < target_fpr < 0.5:
@@ -140,7 +166,7 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
     if not sd > 0:  # a constant training series: any movement is news, on the scale of its level
         sd = 1e-3 * max(abs(mean), 1.0)
     spec = StreamSpec(key=key, value=value, window=window)
-    model = build_graph(window, mean, sd, margin)
+    model = build_graph(window, mean, sd, margin, smooth, smooth_weight)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     X = _windows(series, spec)
     scores = session.run([SCORE_OUTPUT], {INPUT_NAME: X})[0].reshape(-1).astype(np.float64)
@@ -161,21 +187,26 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
     (out / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
     pick = np.linspace(0, len(X) - 1, min(len(X), 256)).astype(int)
     np.save(out / SAMPLES_FILE, X[pick])
-    digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    if lineage is None:
+        from cloud.train_entry import data_facts
+
+        lineage = {"data": {"path": str(Path(data).resolve()), **data_facts(data)},
+                   "hyperparameters": {"model": "stream", "window": window, "margin": margin, "smooth": smooth,
+                                       "smooth_weight": smooth_weight, "target_fpr": target_fpr, "rows": rows}}
     card = TrainingCard(
         name=name, version=version, features=[value],
-        output=OutputSpec(name=SCORE_OUTPUT, meaning="how far the newest value falls outside the range of the "
-                          f"stream's previous {window - 1} values, as a fraction of that range "
-                          f"(+{margin} training SD)", higher_is_outlier=True),
+        output=OutputSpec(name=SCORE_OUTPUT, meaning="how far the newest value (or the mean of the newest "
+                          f"{smooth}, weighted x{smooth_weight:g}) falls outside the range of the stream's earlier "
+                          f"ones in its last {window}, as a fraction of that range (+{margin} training SD)",
+                          higher_is_outlier=True),
         outlier=OutlierRule(threshold=threshold, target_false_positive_rate=target_fpr,
                             calibration_rows=int((~first).sum())),
-        algorithm=f"stream range excursion (window={window}, margin={margin} SD; mean={mean:.6g}, sd={sd:.6g})",
+        algorithm=f"stream range excursion (window={window}, smooth={smooth} x{smooth_weight:g}, margin={margin} SD; "
+                  f"mean={mean:.6g}, sd={sd:.6g})",
         train_rows=len(series.values),
         missing_values={"policy": {value: "drop"}, "rows_dropped": series.dropped},
-        lineage={"data": str(data), "data_sha256": digest, "rows": len(series.values),
-                 "hyperparameters": {"model": "stream", "window": window, "margin": margin,
-                                     "target_fpr": target_fpr}} | (lineage or {}),
+        lineage=lineage,
         stream=spec.model_dump(),
     )
     (out / "training.json").write_text(json.dumps(card.model_dump(), indent=1))
-    return card
+    return TrainResult(out, card, float((scores[~first] > threshold).mean()))

@@ -24,15 +24,24 @@ import nab  # noqa: E402
 WINDOW = 32
 
 
-def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, margin: float = 0.5) -> np.ndarray:
+def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, margin: float = 0.5, smooth: int = 8,
+                     weight: float = 3.0) -> np.ndarray:
     """The detector written plainly, one value at a time, in float64: how far the newest value falls
-    outside the range of the stream's previous (window - 1) values, over that range + margin."""
+    outside the range of the stream's previous (window - 1) values, over that range + margin; the same
+    for the mean of the newest ``smooth`` values against the earlier means in the window, x ``weight``;
+    the larger of the two. A young stream's window is padded with its first value."""
     z = (np.asarray(values, dtype=np.float64) - mean) / sd
+
+    def excursion(series: np.ndarray) -> float:
+        hist, newest = series[:-1], series[-1]
+        return max(newest - hist.max(), hist.min() - newest, 0.0) / (hist.max() - hist.min() + margin)
+
     out = np.zeros(len(z))
-    for t in range(1, len(z)):
-        hist = z[max(0, t - window + 1):t]
-        hi, lo = hist.max(), hist.min()
-        out[t] = max(z[t] - hi, lo - z[t], 0.0) / (hi - lo + margin)
+    for t in range(len(z)):
+        w = z[max(0, t - window + 1):t + 1]
+        w = np.concatenate([np.full(window - len(w), z[0]), w])
+        means = np.array([w[j:j + smooth].mean() for j in range(window - smooth + 1)])
+        out[t] = max(excursion(w), weight * excursion(means))
     return out
 
 
@@ -136,7 +145,8 @@ def test_training_writes_a_stream_bundle(stream_bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["stream"] == {"key": "stream_id", "value": "value", "window": WINDOW, "max_streams": 10000}
     assert manifest["input"]["shape"] == [None, WINDOW]
-    assert manifest["lineage"]["data_sha256"] and manifest["lineage"]["hyperparameters"]["window"] == WINDOW
+    assert len(manifest["lineage"]["data"]["sha256"]) == 64
+    assert manifest["lineage"]["hyperparameters"]["window"] == WINDOW
     # the calibration holds on its own training series: about 1% of its values score above it
     train = series(400, 1)
     ref = reference_scores(train, info["mean"], info["sd"], WINDOW)
@@ -182,6 +192,25 @@ def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
                if e["kind"] == "outlier"}
     straight = device_scores(tmp_path / "straight", bundle, records, 8)
     assert [swapped[str(t)] for t in range(100)] == pytest.approx([straight[str(t)] for t in range(100)])
+
+
+def test_cli_trains_a_stream_model_through_the_entry_point(tmp_path, capsys):
+    from cloud.cli import main
+
+    x = series(600, 5)
+    data = write_csv(tmp_path / "s.csv", {"timestamp": list(range(600)), "value": x.tolist()})
+    assert main(["train", "--detector", "stream", "--window", "64", "--data", str(data), "--out",
+                 str(tmp_path / "t"), "--hp", "rows=500"]) == 0
+    assert main(["compile", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "b")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["stream"]["window"] == 64 and manifest["input"]["shape"] == [None, 64]
+    assert manifest["lineage"]["hyperparameters"]["rows"] == 500
+    assert manifest["lineage"]["metrics"]["train_rows"] == 500
+    # an option of the other detector is refused with what this one takes
+    capsys.readouterr()
+    assert main(["train", "--detector", "stream", "--features", "a", "--data", str(data), "--out",
+                 str(tmp_path / "u")]) == 2
+    assert "unknown hyperparameter(s) ['features'] for model 'stream'" in capsys.readouterr().err
 
 
 def test_bad_training_data_is_refused_clearly(tmp_path):
