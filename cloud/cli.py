@@ -87,11 +87,50 @@ def _train(args) -> int:
 
 
 def _compile(args) -> int:
+    """Compile a training output into a bundle; with --neo, also (or, without --model, only) compile the
+    bundle's model with SageMaker Neo for each --target."""
     from model_compile.compile import compile_bundle
 
-    result = compile_bundle(args.model, args.out, level=args.optimization, variants=_variants(args.variants),
-                            variant_tolerance=args.variant_tolerance)
-    _print_compiled(result)
+    if not args.model and not args.neo:
+        print("edgeloop compile: error: --model is required (or --neo to add Neo targets to the bundle at --out)",
+              file=sys.stderr)
+        return 2
+    if args.model:
+        result = compile_bundle(args.model, args.out, level=args.optimization, variants=_variants(args.variants),
+                                variant_tolerance=args.variant_tolerance)
+        _print_compiled(result)
+    return _neo(args) if args.neo else 0
+
+
+def _neo(args) -> int:
+    import boto3
+
+    from model_compile.neo import NeoError, compile_with_neo
+
+    if not (args.target and args.role and args.bucket):
+        print("edgeloop compile: error: --neo needs --target, --role and --bucket", file=sys.stderr)
+        return 2
+    try:
+        options = json.loads(args.compiler_options) if args.compiler_options else None
+    except json.JSONDecodeError as err:
+        print(f"edgeloop compile: error: --compiler-options is not JSON: {err}", file=sys.stderr)
+        return 2
+    session = boto3.session.Session(region_name=args.region)
+    sm, s3 = session.client("sagemaker"), session.client("s3", endpoint_url=args.endpoint_url)
+
+    def status(job: str, state: str, seconds: float) -> None:
+        print(f"SageMaker Neo compilation job {job}: {state} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
+
+    for target in _csv(args.target):
+        try:
+            r = compile_with_neo(args.out, target, role_arn=args.role, bucket=args.bucket, prefix=args.prefix,
+                                 sagemaker=sm, s3=s3, compiler_options=options, batch_size=args.neo_batch,
+                                 poll_s=args.neo_poll, timeout_s=args.neo_timeout, on_status=status)
+        except NeoError as err:
+            print(f"edgeloop compile: error: {err}", file=sys.stderr)
+            return 1
+        print(f"neo {r.artifact.target}: {len(r.files)} files -> {Path(args.out) / r.artifact.directory} "
+              f"(job {r.artifact.job_name})")
     return 0
 
 
@@ -537,14 +576,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compile", help="check, optimise and bundle a trained model")
-    p.add_argument("--model", required=True, help="the output directory of `edgeloop train`")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--model", help="the output directory of `edgeloop train` (not needed for --neo on an "
+                   "existing --out)")
+    p.add_argument("--out", required=True, help="bundle directory to write (with --neo alone: the bundle to add to)")
     p.add_argument("--optimization", default="basic", choices=["none", "basic", "extended", "all"],
                    help="ONNX Runtime offline level; only none/basic stay portable across providers")
     p.add_argument("--variants", default="fp16,int8", help="reduced-precision variants to build and gate: fp16 "
                    "(GPU providers), int8 (CPU), both (default) or none; one that fails its gate is left out")
     p.add_argument("--variant-tolerance", type=float, default=0.02, help="the variants' output tolerance, "
                    "relative to the scores' distance from the threshold (docs/compile.md; default 0.02)")
+    g = p.add_argument_group("SageMaker Neo", "also compile the model for target devices (docs/neo.md)")
+    g.add_argument("--neo", action="store_true", help="compile the bundle's model with SageMaker Neo; the output "
+                   "goes into the bundle under neo/<target>/")
+    g.add_argument("--target", help="Neo targets, comma-separated: a device (jetson_xavier, rasp4b, ...) or "
+                   "<os>_<arch>[_<accelerator>] (linux_arm64, linux_arm64_nvidia)")
+    g.add_argument("--role", metavar="ARN", help="the role the compilation job assumes")
+    g.add_argument("--bucket", help="S3 bucket for the job's input and output")
+    g.add_argument("--prefix", default="edgeloop/neo", help="key prefix in --bucket (default edgeloop/neo)")
+    g.add_argument("--region", help="AWS region (default: the environment's)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint for the upload and download")
+    g.add_argument("--compiler-options", metavar="JSON", help='Neo CompilerOptions; needed for *_nvidia, e.g. '
+                   '{"gpu-code": "sm_72", "trt-ver": "8.4.1", "cuda-ver": "11.4"}')
+    g.add_argument("--neo-batch", type=int, default=1, help="batch size Neo compiles for (default 1)")
+    g.add_argument("--neo-timeout", type=float, default=3600, help="seconds to follow a job before stopping it")
+    g.add_argument("--neo-poll", type=float, default=15, help="seconds between status checks")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("bundle", help="bundle your own ONNX model, with representative data (docs/compile.md)")

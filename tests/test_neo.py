@@ -362,3 +362,15 @@ def test_job_names_follow_sagemakers_rule():
     for text in ("jetson_xavier", "android_arm_eabihf_intel_graphics"):
         name = neo.default_job_name(neo.parse_target(text))
         assert len(name) <= 63 and re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", name)
+
+
+def test_the_cli_says_what_neo_needs(bundle, capsys):
+    from cloud.cli import main
+
+    assert main(["compile", "--out", str(bundle)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["compile", "--out", str(bundle), "--neo", "--target", "jetson_xavier"]) == 2
+    assert "--neo needs --target, --role and --bucket" in capsys.readouterr().err
+    assert main(["compile", "--out", str(bundle), "--neo", "--target", "jetson_xavier", "--role", "arn:r",
+                 "--bucket", "b", "--compiler-options", "{bad"]) == 2
+    assert "--compiler-options is not JSON" in capsys.readouterr().err
