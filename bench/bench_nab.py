@@ -74,7 +74,7 @@ def run_series(series: nab.Series, root: Path, work: Path, window: int, fpr: flo
     tag = series.name.replace("/", "_").removesuffix(".csv")
     trained, bundle = work / f"{tag}-train", work / f"{tag}-bundle"
     train_stream(root / series.name, trained, name="nab", rows=series.probation, window=window, target_fpr=fpr)
-    compile_bundle(trained, bundle, variants=())  # fp32, as a CPU device without a variant scores it
+    compile_bundle(trained, bundle)  # as a user would: a stream bundle is fp32 only
     lines = [json.dumps({"ts": t.isoformat() + "Z", "id": i, "stream_id": tag, "value": float(v)}).encode()
              for i, (t, v) in enumerate(zip(series.ts, series.values))]
     decided = device_pass(bundle, lines, work, None)

@@ -52,6 +52,10 @@ class CompileResult:
     variants: list[VariantOutcome] = field(default_factory=list)  # kept and left out, in the order asked
 
 
+STREAM_VARIANTS = ("not built for a stream model: its graph is a few reductions over one window, no faster in "
+                   "reduced precision, and fp16 would round large sensor values before they are standardised")
+
+
 def row_width(card) -> int:
     """Values per model row: the features, or for a stream model the window of its stream's values."""
     return int(card.stream["window"]) if card.stream else len(card.features)
@@ -143,6 +147,10 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
     unknown = [v for v in variants if v not in PRECISIONS]
     if unknown:
         raise CompileError(f"unknown variant(s) {unknown}; choose from {list(PRECISIONS)}")
+    passed_over = []
+    if card.stream and variants:  # a stream model: nothing to gain, and fp16 loses large sensor values
+        passed_over = [VariantOutcome(v, None, [], reason=STREAM_VARIANTS) for v in variants]
+        variants = []
     calibration = _calibration_rows(model_dir, width) if "int8" in variants else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,12 +162,12 @@ def compile_bundle(model_dir: str | Path, out: str | Path, *, level: str = "basi
             _run(staging / MODEL_FILE, input_name, card.output.name, samples),
             len(samples), rtol, atol,
         )
-        outcomes = []
+        outcomes = list(passed_over)
         if variants:
             gate = Gate(tolerance=variant_tolerance)
             rows = gate_rows(lambda x: _run(staging / MODEL_FILE, input_name, card.output.name, x), samples,
                              card.outlier.threshold, card.output.higher_is_outlier, gate)
-            outcomes = build_variants(staging / MODEL_FILE, staging, variants, input_name=input_name,
+            outcomes += build_variants(staging / MODEL_FILE, staging, variants, input_name=input_name,
                                       output_name=card.output.name, rows=rows, calibration=calibration,
                                       gpu_capable=not cpu_only, cpu_only_ops=cpu_only, gate=gate)
         kept = [o for o in outcomes if o.kept]

@@ -145,6 +145,9 @@ def test_training_writes_a_stream_bundle(stream_bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["stream"] == {"key": "stream_id", "value": "value", "window": WINDOW, "max_streams": 10000}
     assert manifest["input"]["shape"] == [None, WINDOW]
+    assert not manifest["variants"]  # reduced precision is not built for stream models, and says why
+    assert set(manifest["skipped_variants"]) == {"fp16", "int8"}
+    assert "stream model" in manifest["skipped_variants"]["fp16"]["reason"]
     assert len(manifest["lineage"]["data"]["sha256"]) == 64
     assert manifest["lineage"]["hyperparameters"]["window"] == WINDOW
     # the calibration holds on its own training series: about 1% of its values score above it
