@@ -38,6 +38,7 @@ from pathlib import Path
 
 from edge_runtime.contracts import WindowSummary
 from edge_runtime.store import ObjectNotFound, S3Store, open_store
+from model_compile import sagemaker_jobs as jobs
 
 from . import drift_io
 from .drift import (
@@ -73,8 +74,6 @@ ENV_MESSAGE_FILE = "EDGELOOP_MESSAGE_FILE"  # default /opt/ml/output/message (th
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 
-_now = time.monotonic  # module-level, so a test can run the clock without touching the real one
-_sleep = time.sleep
 
 
 class SageMakerJobError(RuntimeError):
@@ -139,7 +138,8 @@ def review_on_sagemaker(store_url: str, role_arn: str, image_uri: str, instance_
             job, base, role_arn, image_uri, instance_type, min(instance_count, len(shares)), env,
             max_runtime_s=min(MAX_RUNTIME_S, max(60, math.ceil(timeout_s))), volume_gb=volume_gb,
             subnets=subnets, security_group_ids=security_group_ids))
-        _follow(sm, job, poll_s, timeout_s, progress)
+        jobs.follow(sm, jobs.PROCESSING, job, poll_s=poll_s, timeout_s=timeout_s, on_status=progress,
+                    error=SageMakerJobError, timeout_hint="raise the timeout for a fleet this large")
         parts = _read_partials(work, job, versions, shares)
     return _judge_all(store, versions, parts, cycle_s)
 
@@ -224,41 +224,6 @@ def processing_job_request(job: str, base: str, role_arn: str, image_uri: str, i
         "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
         "NetworkConfig": network,
     }
-
-
-def _follow(sm, job: str, poll_s: float, timeout_s: float, progress) -> None:
-    """Poll until the job ends; a failure or stop raises with SageMaker's reason, a timeout (or
-    Ctrl-C) stops the job first, so no instance goes on billing for a review nobody waits for."""
-    start = _now()
-    try:
-        while True:
-            desc = sm.describe_processing_job(ProcessingJobName=job)
-            status = desc["ProcessingJobStatus"]
-            if progress:
-                progress(job, status, _now() - start)
-            if status == "Completed":
-                return
-            if status in ("Failed", "Stopped"):
-                why = desc.get("FailureReason") or "no reason given"
-                exit_message = f"; the container said: {desc['ExitMessage']}" if desc.get("ExitMessage") else ""
-                raise SageMakerJobError(f"SageMaker processing job {job} {status.lower()}: {why}{exit_message}")
-            if _now() - start >= timeout_s:
-                _stop(sm, job)
-                raise SageMakerJobError(f"SageMaker processing job {job} still {status} after {timeout_s:g} s: "
-                                        "stopped it (raise the timeout for a fleet this large)")
-            _sleep(poll_s)
-    except KeyboardInterrupt:
-        _stop(sm, job)
-        raise
-
-
-def _stop(sm, job: str) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        sm.stop_processing_job(ProcessingJobName=job)
-    except ClientError as err:  # it ended meanwhile: nothing to stop
-        print(f"warning: could not stop {job}: {err}", file=sys.stderr)
 
 
 def _read_partials(work: S3Store, job: str, versions: list[_Version],

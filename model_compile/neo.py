@@ -34,10 +34,8 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from edge_runtime.bundle import MANIFEST_FILE, load_bundle, sha256_file
 from edge_runtime.contracts import BundleManifest, NeoArtifact
+from model_compile import sagemaker_jobs as jobs
 
 NEO_DIR = "neo"
 INPUT_ARCHIVE = "model.tar.gz"
@@ -53,8 +52,6 @@ FRAMEWORK = "ONNX"
 TERMINAL = ("COMPLETED", "FAILED", "STOPPED")  # CompilationJobStatus; STARTING, INPROGRESS, STOPPING go on
 NVIDIA_OPTIONS = ("gpu-code", "trt-ver", "cuda-ver")  # CompilerOptions SageMaker requires for NVIDIA
 
-_now = time.monotonic  # module-level, so a test can run the clock without touching the real one
-_sleep = time.sleep
 
 
 class NeoError(RuntimeError):
@@ -167,42 +164,6 @@ def default_job_name(target: Target) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", target.name).strip("-")
     head = f"edgeloop-neo-{slug}"[:40].rstrip("-")
     return f"{head}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
-def follow_job(sm, job: str, *, poll_s: float, timeout_s: float,
-               on_status: Callable[[str, str, float], None] | None = None) -> dict:
-    """Poll DescribeCompilationJob until the job ends; ``on_status(job, status, seconds)`` at each
-    change of status. A failure or stop raises with SageMaker's FailureReason; a timeout (or Ctrl-C)
-    stops the job first, so nothing goes on running for a result nobody waits for."""
-    start, last = _now(), None
-    try:
-        while True:
-            desc = sm.describe_compilation_job(CompilationJobName=job)
-            status = desc["CompilationJobStatus"]
-            if status != last and on_status:
-                on_status(job, status, _now() - start)
-            last = status
-            if status == "COMPLETED":
-                return desc
-            if status in ("FAILED", "STOPPED"):
-                raise NeoError(f"SageMaker Neo compilation job {job} {status.lower()}: "
-                               f"{desc.get('FailureReason') or 'no reason given'}")
-            if _now() - start >= timeout_s:
-                _stop(sm, job)
-                raise NeoError(f"SageMaker Neo compilation job {job} still {status} after {timeout_s:g} s: stopped it")
-            _sleep(poll_s)
-    except KeyboardInterrupt:
-        _stop(sm, job)
-        raise
-
-
-def _stop(sm, job: str) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        sm.stop_compilation_job(CompilationJobName=job)
-    except ClientError as err:  # it ended meanwhile: nothing to stop
-        print(f"warning: could not stop {job}: {err}", file=sys.stderr)
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -348,7 +309,8 @@ def compile_with_neo(bundle_dir: str | Path, target: str, *, role_arn: str, buck
         job, parsed, role_arn, f"s3://{bucket}/{base}/input/{INPUT_ARCHIVE}", f"s3://{bucket}/{base}/output",
         data_input, framework_version=framework_version, compiler_options=compiler_options,
         max_runtime_s=max_runtime_s))
-    desc = follow_job(sm, job, poll_s=poll_s, timeout_s=timeout_s, on_status=on_status)
+    desc = jobs.follow(sm, jobs.COMPILATION, job, poll_s=poll_s, timeout_s=timeout_s, on_status=on_status,
+                       changes_only=True, error=NeoError)
     uri = desc["ModelArtifacts"]["S3ModelArtifacts"]
     out_bucket, key = _split_s3(uri)
     with tempfile.TemporaryDirectory(prefix="edgeloop-neo-") as tmp:

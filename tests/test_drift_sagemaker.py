@@ -30,6 +30,7 @@ from cloud.drift import SCORE_ROW, DeviceDrift, Thresholds, fleet_drift, to_json
 from cloud.train import quantile_edges
 from edge_runtime.contracts import baseline_key, summary_key
 from edge_runtime.store import LocalStore, open_store
+from model_compile import sagemaker_jobs
 
 ROLE = "arn:aws:iam::123456789012:role/edgeloop-drift"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/edgeloop-drift:py311"
@@ -310,8 +311,8 @@ def test_a_failed_job_raises_with_its_reason(fleet_url, s3, moto_endpoint):
 def test_a_job_past_its_timeout_is_stopped(fleet_url, s3, moto_endpoint, monkeypatch):
     client, bucket = s3
     clock = [0.0]
-    monkeypatch.setattr(dsm, "_now", lambda: clock[0])
-    monkeypatch.setattr(dsm, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(sagemaker_jobs, "_now", lambda: clock[0])
+    monkeypatch.setattr(sagemaker_jobs, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     job = "edgeloop-drift-slow"
     sm = sagemaker_client()
     stub = Stubber(sm)

@@ -21,7 +21,7 @@ from botocore.stub import Stubber
 
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.contracts import NeoArtifact
-from model_compile import neo
+from model_compile import neo, sagemaker_jobs
 
 ROLE = "arn:aws:iam::123456789012:role/edgeloop-neo"
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -295,8 +295,8 @@ def test_an_nvidia_platform_needs_its_compiler_options(bundle, s3):
 def test_a_job_past_its_timeout_is_stopped(bundle, s3, monkeypatch):
     client, bucket = s3
     clock = [0.0]
-    monkeypatch.setattr(neo, "_now", lambda: clock[0])
-    monkeypatch.setattr(neo, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(sagemaker_jobs, "_now", lambda: clock[0])
+    monkeypatch.setattr(sagemaker_jobs, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     sm, stub = sagemaker()
     before = tree(bundle)
     expect_job(stub, bucket, bundle, "slow", {"TargetDevice": "jetson_nano"}, ["INPROGRESS"] * 4)  # 0, 10, 20, 30 s
