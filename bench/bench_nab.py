@@ -13,7 +13,7 @@ rows), compile the bundle as for any fleet, then feed the whole series to the de
 Both are normalised NAB scores (null detector 0, perfect 100) for the three profiles, beside the
 published detectors' scores on the same 28 series. ``--quick N`` takes the first N series only.
 
-    python bench/bench_nab.py [--data ../shared/data/nab] [--window 1024] [--json out.json]
+    python bench/bench_nab.py [--data ../shared/data/nab] [--window N] [--threshold T] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def device_pass(bundle: Path, lines: list[bytes], work: Path, threshold: float |
     return flagged
 
 
-def run_series(series: nab.Series, root: Path, work: Path, window: int, fpr: float) -> tuple[np.ndarray, np.ndarray]:
+def run_series(series: nab.Series, root: Path, work: Path, settings: dict) -> tuple[np.ndarray, np.ndarray]:
     from cloud.stream_detector import train_stream
     from model_compile.compile import compile_bundle
 
     tag = series.name.replace("/", "_").removesuffix(".csv")
     trained, bundle = work / f"{tag}-train", work / f"{tag}-bundle"
-    train_stream(root / series.name, trained, name="nab", rows=series.probation, window=window, target_fpr=fpr)
+    train_stream(root / series.name, trained, name="nab", rows=series.probation, **settings)
     compile_bundle(trained, bundle)  # as a user would: a stream bundle is fp32 only
     lines = [json.dumps({"ts": t.isoformat() + "Z", "id": i, "stream_id": tag, "value": float(v)}).encode()
              for i, (t, v) in enumerate(zip(series.ts, series.values))]
@@ -94,26 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(here.parent / "shared" / "data" / "nab"))
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--fpr", type=float, default=0.01, help="the calibration's target false-positive rate")
+    parser.add_argument("--window", type=int, help="the detector's window (default: its own)")
+    parser.add_argument("--threshold", type=float, help="the detector's threshold (default: its own)")
     parser.add_argument("--quick", type=int, help="only the first N series")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
     root = Path(args.data)
     corpus = nab.load_corpus(root)[: args.quick]
     scores, decisions = {}, {}
+    settings = {k: v for k, v in (("window", args.window), ("threshold", args.threshold)) if v is not None}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for k, series in enumerate(corpus, 1):
             t = time.perf_counter()
-            scores[series.name], decisions[series.name] = run_series(series, root, Path(tmp), args.window, args.fpr)
+            scores[series.name], decisions[series.name] = run_series(series, root, Path(tmp), settings)
             print(f"[{k}/{len(corpus)}] {series.name}: {len(series.values)} records, "
                   f"{int(decisions[series.name].sum())} flagged ({time.perf_counter() - t:.1f} s)", flush=True)
     seconds = time.perf_counter() - t0
     unit = {name: s / (1.0 + s) for name, s in scores.items()}
     result = {"series": len(corpus), "records": int(sum(len(s.values) for s in corpus)),
               "windows": sum(len(s.windows) for s in corpus), "seconds": round(seconds, 1),
-              "window": args.window, "target_fpr": args.fpr, "machine": platform.platform(), "profiles": {}}
+              "settings": settings, "machine": platform.platform(), "profiles": {}}
     for profile in nab.PROFILES:
         swept = nab.sweep(corpus, unit, profile)
         result["profiles"][profile] = {

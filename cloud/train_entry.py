@@ -204,7 +204,7 @@ def _train_stream(data: Path, out_dir: Path, hp: dict, lineage: dict) -> TrainRe
     from .stream_detector import train_stream
 
     return train_stream(data, out_dir, name=hp["name"], version=hp["version"], value=hp["value"],
-                        key=hp["stream_key"], window=hp["window"], target_fpr=hp["fpr"], margin=hp["margin"],
+                        key=hp["stream_key"], window=hp["window"], threshold=hp["threshold"], margin=hp["margin"],
                         smooth=hp["smooth"], smooth_weight=hp["smooth_weight"], rows=hp["rows"], lineage=lineage)
 
 
@@ -214,11 +214,11 @@ MODELS["stream"] = ModelKind(
     options={
         "value": Option(_text, "value", "the column holding the stream's values"),
         "stream_key": Option(_text, "stream_id", "the column (and record field) naming the stream"),
-        "window": Option(_at_least(16), 1024, "values per model row: the stream's last N"),
-        "fpr": Option(_within(0, 0.5), 0.01, "target false-positive rate of the threshold"),
-        "margin": Option(_within(0, 1e6), 0.5, "training SDs added to the range (a flat stream's floor)"),
-        "smooth": Option(_at_least(2), 8, "values per mean in the smoothed series"),
-        "smooth_weight": Option(_within(0, 1e6), 3.0, "how much a smoothed excursion counts against a raw one"),
+        "window": Option(_at_least(16), 4096, "values per model row: the stream's last N"),
+        "threshold": Option(_within(0, 1e6), 0.1, "flag an excursion beyond the recent range by this share of it"),
+        "margin": Option(_within(0, 1e6), 1.0, "training SDs added to the range (a flat stream's floor)"),
+        "smooth": Option(_at_least(2), 16, "values per mean in the smoothed series"),
+        "smooth_weight": Option(_within(0, 1e6), 2.0, "how much a smoothed excursion counts against a raw one"),
         "rows": Option(_at_least(100), None, "train on the first N rows only (default: all)"),
     },
     train=_train_stream,
