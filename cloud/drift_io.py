@@ -87,6 +87,7 @@ def _check_format(doc: dict, expected: str) -> None:
 
 
 def profile_to_json(p: st.Profile) -> dict:
+    p.settle()
     return {"grid": _array(p.grid), "count": int(p.count), "missing": int(p.missing), "nonfinite": int(p.nonfinite),
             "cdf_mass": _array(p.cdf_mass), "error_mass": _value(p.error_mass), "total": _value(p.total),
             "m2": _value(p.m2), "min": _value(p.min), "max": _value(p.max),

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_runtime.contracts import NumericSummary
-from edge_runtime.summary import decode_sketch
+from edge_runtime.summary import decode_sketch, grid_masses, kll_size
 
 GRID_RANKS = 129  # baseline quantiles the grid is built on: resolution 1/128 of the baseline's mass
 PSI_BINS = 10
+PENDING_MAX = 512  # sketches a profile holds before reading them: a few MB at most
 EPS = 1e-4
 
 
@@ -79,6 +80,9 @@ class Profile:
     bins: list[int] | None = field(default=None, repr=False)  # a baseline's PSI bin edges, once computed
     points: list[float] | None = field(default=None, repr=False)  # the grid as a list, once made
     shares: np.ndarray | None = field(default=None, repr=False)  # a baseline's shares of its own bins
+    grid32: np.ndarray | None = field(default=None, repr=False)  # the grid as float32, as a float sketch sees it
+    # float sketches whose masses are yet to be added: read together, in one pass (``settle``)
+    pending: list[bytes] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.cdf_mass is None:
@@ -94,7 +98,17 @@ class Profile:
 
     @property
     def cdf(self) -> np.ndarray:
+        self.settle()
         return self.cdf_mass / self.count if self.count else self.cdf_mass
+
+    def settle(self) -> None:
+        """Add the masses of the sketches still pending. Every mass is an integer sum of weights, so
+        when they are added does not change a digit of the result."""
+        if self.pending:
+            if self.grid32 is None:
+                self.grid32 = self.grid.astype(np.float32)
+            self.cdf_mass = self.cdf_mass + grid_masses(self.grid32, self.pending)
+            self.pending = []
 
     @property
     def rank_error(self) -> float:
@@ -105,19 +119,31 @@ class Profile:
         self.nonfinite += s.nonfinite
         if not s.count:
             return
+        size = kll_size(s.kll) if s.kll and s.kll_type == "f32" else None
+        if size is not None and size[1] == s.count:  # the usual case: read later, with other windows'
+            k, mass = size[0], None
+            self.pending.append(s.kll)
+            if len(self.pending) >= PENDING_MAX:
+                self.settle()
+        else:
+            mass, k = self._sketch_mass(s)
+        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, rank_error(k) * s.count, s.min, s.max)
+
+    def _sketch_mass(self, s: NumericSummary) -> tuple[np.ndarray, int]:
+        """count x the window's CDF at every grid point, and its sketch's k. count x CDF is a sum of
+        the sketch's integer weights: rounded, every sum of masses is exact, so the fleet's numbers
+        do not depend on the order windows and devices were added in."""
         sketch = decode_sketch(s)
         if self.points is None:  # the library takes a list 4x faster than an array
             self.points = self.grid.tolist()
         cdf = np.array(sketch.get_cdf(self.points, inclusive=True)[:-1], dtype=np.float64)
-        # count x CDF is a sum of the sketch's integer weights: rounded, every sum of them is exact,
-        # so the fleet's numbers do not depend on the order windows and devices were added in
-        mass, k = np.rint(cdf * s.count), sketch.k
-        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, rank_error(k) * s.count, s.min, s.max)
+        return np.rint(cdf * s.count), sketch.k
 
     def add(self, other: Profile) -> None:
         self.missing += other.missing
         self.nonfinite += other.nonfinite
         if other.count:
+            other.settle()
             self._add(other.count, other.mean, other.m2, other.cdf_mass, other.error_mass, other.min, other.max)
 
     def _add(self, n: int, mean: float, m2: float, cdf_mass, error_mass: float, lo, hi) -> None:
@@ -128,7 +154,8 @@ class Profile:
             self.m2 = m2
         self.count += n
         self.total += mean * n
-        self.cdf_mass = self.cdf_mass + cdf_mass
+        if cdf_mass is not None:  # None: the window's sketch is pending
+            self.cdf_mass = self.cdf_mass + cdf_mass
         self.error_mass += error_mass
         self.min = min(self.min, lo if lo is not None else math.inf)
         self.max = max(self.max, hi if hi is not None else -math.inf)

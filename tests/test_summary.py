@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.summary import SeriesAccumulator, decode_sketch, merge_summaries, summarise
 
@@ -80,3 +82,43 @@ def test_matrix_accumulator_matches_the_per_series_one_column_by_column():
             rank = float(np.mean(m[:, j].astype(np.float64) <= sketch.get_quantile(q)))
             assert abs(rank - q) <= 2 * sketch.normalized_rank_error(False)
     assert (got[1].missing, got[2].nonfinite, got[0].missing) == (3, 1, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30_000), min_size=1, max_size=6), k=st.sampled_from([8, 20, 200]),
+       seed=st.integers(0, 2**32 - 1))
+def test_sketch_bytes_read_without_the_library_agree_with_it(sizes, k, seed):
+    """The review reads float sketches' items, weights and extremes straight from their bytes: the
+    same items and weights the library iterates, and the same CDF masses it gives on a grid."""
+    from datasketches import kll_floats_sketch
+
+    from edge_runtime.summary import grid_masses, kll_extremes, kll_items, kll_size
+
+    rng = np.random.default_rng(seed)
+    sketches = []
+    for n in sizes:
+        sketch = kll_floats_sketch(k)
+        for v in rng.standard_t(3, size=n).astype(np.float32):
+            sketch.update(float(v))
+        data = sketch.serialize()
+        got = kll_items(data)
+        assert kll_size(data) == (k, n) == (got.k, got.n)
+        assert sorted(zip(got.items.tolist(), got.weights.tolist())) == sorted((float(x), float(w)) for x, w in sketch)
+        if n:
+            assert kll_extremes(data) == (sketch.get_min_value(), sketch.get_max_value())
+        sketches.append(sketch)
+    grid = np.unique(rng.standard_t(3, size=50).astype(np.float32))
+    library = sum(np.rint(np.array(s.get_cdf(grid.tolist(), inclusive=True)[:-1]) * s.n) for s in sketches if s.n)
+    assert np.array_equal(grid_masses(grid, [s.serialize() for s in sketches]), library + np.zeros(len(grid)))
+
+
+def test_bytes_that_are_not_a_float_sketch_are_refused():
+    from edge_runtime.summary import kll_items, new_sketch
+
+    sketch = new_sketch()
+    for v in range(1000):
+        sketch.update(float(v))
+    data = sketch.serialize()
+    for bad in (data[:5], bytes([data[0], data[1], 7]) + data[3:], data[:-2]):
+        with pytest.raises(ValueError):
+            kll_items(bad)

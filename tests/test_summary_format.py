@@ -245,6 +245,11 @@ def assert_round_trips(summary: WindowSummary) -> WindowSummary:
         assert g_var == w_var if w_var is None else g_var == pytest.approx(w_var, rel=1e-12, abs=0)
     assert got == want
     assert list(back.features) == list(summary.features)  # feature order kept
+    for series in [*back.features.values(), back.score]:  # built without validation: as validation builds it
+        assert series.model_fields_set == set(NumericSummary.model_fields)
+        again = NumericSummary.model_validate(series.model_dump())
+        assert again == series
+        assert all(type(getattr(again, f)) is type(getattr(series, f)) for f in NumericSummary.model_fields)
     return back
 
 
