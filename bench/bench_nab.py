@@ -7,7 +7,8 @@ rows), compile the bundle as for any fleet, then feed the whole series to the de
 * a pass with the bundle's own threshold: the records it flags as outliers (its events) are the
   detections, scored with NAB's method at that fixed decision (no tuning on the test data);
 * a pass with the threshold override below every score, so every record's score comes out in an
-  event: NAB's threshold sweep over these scores (mapped to [0, 1] by s / (1 + s), which keeps their
+  event (but a stream's first ``warmup`` records, which are never flagged and lie in the probation
+  NAB does not count): NAB's threshold sweep over these scores (mapped to [0, 1] by s / (1 + s), which keeps their
   order), as the published scoreboard does.
 
 Both are normalised NAB scores (null detector 0, perfect 100) for the three profiles, beside the
@@ -80,12 +81,14 @@ def run_series(series: nab.Series, root: Path, work: Path, settings: dict) -> tu
              for i, (t, v) in enumerate(zip(series.ts, series.values))]
     decided = device_pass(bundle, lines, work, None)
     everything = device_pass(bundle, lines, work, -1.0)
-    if len(everything) != len(lines):
-        raise SystemExit(f"{series.name}: {len(everything)} scores for {len(lines)} records")
-    scores = np.asarray([everything[i] for i in range(len(lines))])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    threshold, warmup = manifest["outlier"]["threshold"], manifest["stream"]["warmup"]
+    # a stream's warm-up values are never flagged, so never reported: they lie in the probation NAB ignores
+    if set(range(len(lines))) - set(everything) != set(range(warmup)) or warmup > series.probation:
+        raise SystemExit(f"{series.name}: {len(everything)} scores for {len(lines)} records, warm-up {warmup}")
+    scores = np.asarray([everything.get(i, 0.0) for i in range(len(lines))])
     decisions = np.zeros(len(lines))
     decisions[list(decided)] = 1.0
-    threshold = json.loads((bundle / "manifest.json").read_text())["outlier"]["threshold"]
     if not np.array_equal(decisions > 0, scores > threshold):  # the two passes must tell one story
         raise SystemExit(f"{series.name}: the device's decisions differ from its scores against {threshold}")
     return scores, decisions

@@ -78,9 +78,14 @@ def _train(args) -> int:
     if gaps.get("rows_dropped") or gaps.get("imputed"):
         imputed = ", ".join(f"{n} {v['count']}" for n, v in gaps["imputed"].items()) or "none"
         print(f"missing values: {gaps['rows_dropped']} rows dropped, imputed (median): {imputed}")
-    holdout_fpr = card.lineage.get("metrics", {}).get("holdout_fpr", float("nan"))
-    print(f"threshold {card.outlier.threshold:.4f} (target FPR {card.outlier.target_false_positive_rate:.2%}, "
-          f"held-out FPR {holdout_fpr:.2%}) -> {out_dir}")
+    if card.stream:
+        print(f"threshold {card.outlier.threshold:g}, a stated excursion beyond the stream's recent range; it "
+              f"flags {card.outlier.target_false_positive_rate:.2%} of the training series; window "
+              f"{card.stream['window']} values, streams keyed by '{card.stream['key']}' -> {out_dir}")
+    else:
+        holdout_fpr = card.lineage.get("metrics", {}).get("holdout_fpr", float("nan"))
+        print(f"threshold {card.outlier.threshold:.4f} (target FPR {card.outlier.target_false_positive_rate:.2%}, "
+              f"held-out FPR {holdout_fpr:.2%}) -> {out_dir}")
     print(f"data sha256 {card.lineage['data']['sha256']} ({card.lineage['data']['rows']} rows), lineage in "
           f"{Path(out_dir) / 'training.json'}")
     return 0

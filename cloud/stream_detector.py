@@ -145,9 +145,12 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
     return model
 
 
-def _windows(data: StreamData, spec: StreamSpec) -> np.ndarray:
-    """The rows a device would build from these values, one per value, in order."""
-    return StreamWindows(spec).rows(data.values.astype(np.float32), data.streams)
+def _windows(data: StreamData, spec: StreamSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a device would build from these values, one per value, in order, and which of them
+    the device would judge (their stream past its warm-up)."""
+    seen = np.empty(len(data.values), np.int64)
+    rows = StreamWindows(spec).rows(data.values.astype(np.float32), data.streams, seen)
+    return rows, seen >= min(spec.warmup, spec.window - 1)
 
 
 def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-outliers", version: str = "1.0.0",
@@ -175,15 +178,10 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
     spec = StreamSpec(key=key, value=value, window=window)
     model = build_graph(window, mean, sd, margin, smooth, smooth_weight)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    X = _windows(series, spec)
+    X, judged = _windows(series, spec)
     scores = session.run([SCORE_OUTPUT], {INPUT_NAME: X})[0].reshape(-1).astype(np.float64)
-    # a stream's first value has no history to fall outside of: leave it out of the rate
-    first = np.ones(len(scores), dtype=bool)
-    seen: set[str] = set()
-    for i, s in enumerate(series.streams):
-        first[i] = s not in seen
-        seen.add(s)
-    training_rate = float((scores[~first] > threshold).mean())
+    # the rate the device would flag: a stream's warm-up values are never flagged
+    training_rate = float((scores[judged] > threshold).mean()) if judged.any() else 0.0
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +207,7 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
         # the threshold is a stated excursion, not a quantile: the rate it gives on the training series is
         # what the fleet review compares the devices' outlier rates with
         outlier=OutlierRule(threshold=threshold, target_false_positive_rate=training_rate,
-                            calibration_rows=int((~first).sum())),
+                            calibration_rows=int(judged.sum())),
         algorithm=f"stream range excursion (window={window}, smooth={smooth} x{smooth_weight:g}, margin={margin} SD; "
                   f"mean={mean:.6g}, sd={sd:.6g})",
         train_rows=len(series.values),

@@ -108,6 +108,8 @@ class StreamSpec(_Strict):
     window: int = Field(gt=1, le=4096, description="values per model row, oldest first, the newest last")
     max_streams: int = Field(10_000, gt=0, le=1_000_000,
                              description="streams kept; the one unseen longest is forgotten beyond this")
+    warmup: int = Field(64, ge=0, le=4095, description="a stream's first values (after a start or once "
+                        "forgotten) are scored and summarised but not flagged: too few to judge a range by")
 
 
 class BundleManifest(_Strict):

@@ -288,8 +288,14 @@ class EdgeRuntime:
         rejections = [(r, _Origin(p, r.index)) for d, p in zip(decoded, payloads) for r in d.rejections]
         rows = _Rows(payloads, np.concatenate(origins) if origins else np.empty(0, np.int64),
                      np.concatenate([d.index for d in decoded]) if decoded else np.empty(0, np.int64))
+        streams = None  # stream models: each row's stream, and whether it is still warming up
         if len(values):
-            inputs = values if model.streams is None else model.streams.rows(values[:, 0], _streams(decoded))
+            inputs = values
+            if model.streams is not None:
+                names, seen = _streams(decoded), np.empty(len(values), np.int64)
+                inputs = model.streams.rows(values[:, 0], names, seen)
+                spec = model.streams.spec
+                streams = _StreamRows(names, seen < min(spec.warmup, spec.window - 1))
             scores, failed = self._score(inputs, rows, model)
             if failed is not None:
                 rejections += failed[1]
@@ -297,6 +303,7 @@ class EdgeRuntime:
                 values, ts, scores = values[keep], ts[keep], scores[keep]
                 ids = [x for x, k in zip(ids, keep) if k]
                 rows = rows.keep(keep)
+                streams = streams.keep(keep) if streams is not None else None
         else:
             scores = np.empty(0)
         self._dead_letter(rejections)
@@ -312,7 +319,8 @@ class EdgeRuntime:
             if rejections:
                 self._count_rejections(rejections, self.window)
                 rejections = []
-            self._account(self.window, seg.lo, seg.hi, seg.late, values, ts, own_ts, scores, ids, rows, model)
+            self._account(self.window, seg.lo, seg.hi, seg.late, values, ts, own_ts, scores, ids, rows, model,
+                          streams)
         for r, origin in rejections:  # no window open and none opened by this batch
             self.orphans.add(r, origin, now)
         self.stream.observe(ts, now)
@@ -437,7 +445,7 @@ class EdgeRuntime:
         return scores, ((ok, failed) if failed else None)
 
     def _account(self, window: Window, lo: int, hi: int, late: int, values, ts, own_ts, scores, ids, rows,
-                 model) -> None:
+                 model, streams: _StreamRows | None = None) -> None:
         n = hi - lo
         if n <= 0:
             return
@@ -448,13 +456,16 @@ class EdgeRuntime:
         window.late += late
         window.changed = True
         self.health.scored += n
-        flagged = np.flatnonzero(scores[lo:hi] > self.threshold(model)) + lo
+        above = scores[lo:hi] > self.threshold(model)
+        if streams is not None:  # a stream still warming up is scored, never flagged
+            above &= ~streams.young[lo:hi]
+        flagged = np.flatnonzero(above) + lo
         if len(flagged):
             window.outliers += len(flagged)
             self.health.outliers += len(flagged)
-            self._outlier_events(window, flagged, values, ts, scores, ids, rows, model)
+            self._outlier_events(window, flagged, values, ts, scores, ids, rows, model, streams)
 
-    def _outlier_events(self, window, flagged, values, ts, scores, ids, rows, model) -> None:
+    def _outlier_events(self, window, flagged, values, ts, scores, ids, rows, model, streams=None) -> None:
         names = model.feature_names
         cap = self.config.sinks.max_outlier_samples
         for i in flagged:
@@ -468,6 +479,7 @@ class EdgeRuntime:
                 "id": _text(ids[i]),
                 "source": origin.payload.source,
                 **self._position(origin),
+                **({"stream": streams.names[i]} if streams is not None else {}),
                 "score": float(scores[i]),
                 "threshold": self.threshold(model),
                 "features": dict(zip(names, values[i].tolist())),
@@ -606,6 +618,17 @@ class EdgeRuntime:
                                            self.instance_id), samples)
         self.health.windows += 1
         self.uploader.notify()
+
+
+@dataclass
+class _StreamRows:
+    """For a stream model: each row's stream, and whether that stream is still warming up."""
+
+    names: list[str]
+    young: np.ndarray  # bool
+
+    def keep(self, mask: np.ndarray) -> _StreamRows:
+        return _StreamRows([n for n, k in zip(self.names, mask) if k], self.young[mask])
 
 
 def _streams(decoded: list[Decoded]) -> list[str]:

@@ -6,7 +6,9 @@ records without one belong to the default stream ``""``), its last ``window - 1`
 batch of records into one row per record: that stream's values before it, oldest first, and the
 record's own value last. Records are taken in arrival order, so the rows are what a one-record-at-a-
 time loop would give, with no look-ahead. Until a stream has a full window, its row is padded on the
-left with the stream's first value (the history is then what has been seen so far).
+left with the stream's first value (the history is then what has been seen so far), and its first
+``warmup`` values are scored but never flagged: a range of a handful of values says little, and every
+new stream, and every stream after a restart, would otherwise open with a burst of false outliers.
 
 Memory is bounded: at most ``max_streams`` streams are kept; the one unseen longest is forgotten
 (and counted) when a new one arrives beyond that. The state lives in memory: after a restart each
@@ -52,10 +54,12 @@ class StreamWindows:
         """The values kept for ``stream``, oldest first (at most ``window - 1``)."""
         return self._history.get(stream, np.empty(0, np.float32)).copy()
 
-    def rows(self, values: np.ndarray, streams: list[str] | None) -> np.ndarray:
+    def rows(self, values: np.ndarray, streams: list[str] | None, seen: np.ndarray | None = None) -> np.ndarray:
         """One (window,) row per value, in order, and the state advanced past them.
 
-        ``values`` is (n,) float32; ``streams`` the n stream names (None: all the default stream)."""
+        ``values`` is (n,) float32; ``streams`` the n stream names (None: all the default stream).
+        ``seen``, if given ((n,) integers), receives how many earlier values of its stream each row's
+        window holds (at most ``window - 1``): what a warm-up rule judges a young stream by."""
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         n = len(values)
         out = np.empty((n, self.width), np.float32)
@@ -69,7 +73,10 @@ class StreamWindows:
                 order.setdefault(s, []).append(i)
             groups = {s: np.asarray(ix) for s, ix in order.items()}
         for stream, ix in groups.items():
-            seq = np.concatenate([self._history.pop(stream, np.empty(0, np.float32)), values[ix]])
+            before = self._history.pop(stream, np.empty(0, np.float32))
+            if seen is not None:
+                seen[ix] = np.minimum(len(before) + np.arange(len(ix)), self.width - 1)
+            seq = np.concatenate([before, values[ix]])
             short = self.width - 1 + len(ix) - len(seq)  # a young stream: its first value stands in
             padded = np.concatenate([np.full(short, seq[0], np.float32), seq]) if short > 0 else seq
             out[ix] = sliding_window_view(padded, self.width)[-len(ix):]

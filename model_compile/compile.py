@@ -52,8 +52,9 @@ class CompileResult:
     variants: list[VariantOutcome] = field(default_factory=list)  # kept and left out, in the order asked
 
 
-STREAM_VARIANTS = ("not built for a stream model: its graph is a few reductions over one window, no faster in "
-                   "reduced precision, and fp16 would round large sensor values before they are standardised")
+STREAM_VARIANTS = ("not built for a stream model: its graph is a few reductions over one window, with no matrix "
+                   "work that reduced precision would speed up, and rounding the raw values would move the "
+                   "range it judges against")
 
 
 def row_width(card) -> int:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import nab  # noqa: E402
 
 WINDOW = 256
+WARMUP = 64  # a stream's first values are scored, never flagged
 
 
 def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, margin: float = 1.0, smooth: int = 16,
@@ -83,7 +84,7 @@ def config(tmp: Path, bundle: Path, batch: int, threshold: float | None = None) 
 
 def device_scores(tmp: Path, bundle: Path, records: list[dict], batch: int) -> dict[str, float]:
     """Every record's score as the device reports it (threshold override below all scores: each
-    record comes out as an event), by record id."""
+    record past its stream's warm-up comes out as an event), by record id."""
     with EdgeRuntime(config(tmp, bundle, batch, threshold=-1.0)) as rt:
         stats = rt.process(json.dumps(r) for r in records)
     assert stats.rejected == 0
@@ -143,7 +144,8 @@ def test_a_new_model_adopts_the_streams_history_trimmed_to_its_window():
 def test_training_writes_a_stream_bundle(stream_bundle):
     bundle, info = stream_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["stream"] == {"key": "stream_id", "value": "value", "window": WINDOW, "max_streams": 10000}
+    assert manifest["stream"] == {"key": "stream_id", "value": "value", "window": WINDOW, "max_streams": 10000,
+                                  "warmup": WARMUP}
     assert manifest["input"]["shape"] == [None, WINDOW]
     assert not manifest["variants"]  # reduced precision is not built for stream models, and says why
     assert set(manifest["skipped_variants"]) == {"fp16", "int8"}
@@ -155,7 +157,7 @@ def test_training_writes_a_stream_bundle(stream_bundle):
     train = series(400, 1)
     ref = reference_scores(train, info["mean"], info["sd"], WINDOW)
     assert manifest["outlier"]["threshold"] == 0.1
-    assert manifest["outlier"]["target_false_positive_rate"] == pytest.approx((ref[1:] > 0.1).mean(), abs=1 / 400)
+    assert manifest["outlier"]["target_false_positive_rate"] == pytest.approx((ref[WARMUP:] > 0.1).mean())
 
 
 @pytest.mark.parametrize("batch", [1, 64])
@@ -169,8 +171,9 @@ def test_device_scores_equal_python_record_by_record(stream_bundle, tmp_path, ba
     got = device_scores(tmp_path, bundle, records, batch)
     for name, x in (("a", a), ("b", b)):
         ref = reference_scores(x, info["mean"], info["sd"], WINDOW)
-        dev = np.asarray([got[f"{name}{t}"] for t in range(300)])
-        np.testing.assert_allclose(dev, ref, rtol=1e-4, atol=1e-5)
+        assert {t for t in range(300) if f"{name}{t}" not in got} == set(range(WARMUP))  # warm-up: never flagged
+        dev = np.asarray([got[f"{name}{t}"] for t in range(WARMUP, 300)])
+        np.testing.assert_allclose(dev, ref[WARMUP:], rtol=1e-4, atol=1e-5)
 
 
 def test_a_level_shift_is_flagged_then_the_stream_adapts(stream_bundle, tmp_path):
@@ -185,6 +188,23 @@ def test_a_level_shift_is_flagged_then_the_stream_adapts(stream_bundle, tmp_path
     assert not [t for t in flagged if t > 500 + 2 * WINDOW]  # quiet once the window holds the new level
 
 
+def test_young_streams_are_scored_but_not_flagged_until_warm(stream_bundle, tmp_path):
+    bundle, _ = stream_bundle
+    x = series(200, 6)
+    x[10] += 15  # a spike while the stream is young: scored, not flagged
+    x[150] += 60  # one once it is warm, beyond everything before it
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(200)]
+    for run in ("first", "after a restart"):  # windows live in memory: a restart warms up again
+        out = tmp_path / run
+        with EdgeRuntime(config(out, bundle, 16)) as rt:
+            stats = rt.process(json.dumps(r) for r in records)
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        flagged = sorted(int(e["id"]) for e in events if e["kind"] == "outlier")
+        assert 150 in flagged and not [t for t in flagged if t < WARMUP]
+        assert stats.scored == 200 and stats.outliers == len(flagged)
+        assert {e["stream"] for e in events if e["kind"] == "outlier"} == {"p"}  # events name their stream
+
+
 def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
     bundle, _ = stream_bundle
     x = series(100, 4)
@@ -196,7 +216,9 @@ def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
     swapped = {e["id"]: e["score"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
                if e["kind"] == "outlier"}
     straight = device_scores(tmp_path / "straight", bundle, records, 8)
-    assert [swapped[str(t)] for t in range(100)] == pytest.approx([straight[str(t)] for t in range(100)])
+    assert set(swapped) == set(straight) == {str(t) for t in range(WARMUP, 100)}
+    judged = [str(t) for t in range(WARMUP, 100)]
+    assert [swapped[t] for t in judged] == pytest.approx([straight[t] for t in judged])
 
 
 def test_cli_trains_a_stream_model_through_the_entry_point(tmp_path, capsys):
