@@ -540,8 +540,11 @@ def load_runtime_config(path: str | Path | None, overrides: dict[str, str] | Non
         data = _deep_merge(data, extra)
     for dotted, value in (overrides or {}).items():
         # values stay strings (a thing name like "007" must not become 7) unless they are YAML
-        # flow collections; pydantic turns "60" into an int where the schema wants one
-        _set_dotted(data, dotted, yaml.safe_load(value) if value.strip()[:1] in "[{" else value)
+        # flow collections, or null (to clear an optional key); pydantic turns "60" into an int where
+        # the schema wants one
+        text = value.strip()
+        parsed = None if text in ("null", "~") else yaml.safe_load(value) if text[:1] in "[{" else value
+        _set_dotted(data, dotted, parsed)
     return resolve_paths(parse_document(RuntimeConfig, data, source), base)
 
 

@@ -106,3 +106,10 @@ def test_json_summaries_of_versions_1_and_2_are_still_read_and_merge_with_versio
     assert merged.nonfinite == merged.inf == 2  # the old single count carried over
     assert decode_sketch(merged).n == 2000
     assert abs(decode_sketch(merged).get_quantile(0.5) - 1000) < 2000 * 0.03
+
+
+def test_a_set_override_keeps_strings_and_can_clear_an_optional_key(tmp_path):
+    config = load_runtime_config(write(tmp_path, "device_id: d\nbundle: b\n"),
+                                 {"device_id": "007", "window.max_past_s": "null", "window.seconds": "60"})
+    assert config.device_id == "007"  # a thing name stays as written
+    assert config.window.max_past_s is None and config.window.seconds == 60
