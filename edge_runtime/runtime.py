@@ -19,6 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -33,7 +34,7 @@ from .records import MAX_TS, Decoded, Reason, Rejection, TooLong
 from .scoring import ScoringError
 from .sinks import JsonlSink
 from .sources import Payload
-from .spool import Spool
+from .spool import Spool, atomic_write
 from .store import ObjectStore, store_for
 from .streams import DEFAULT_STREAM
 from .summary import MatrixAccumulator
@@ -42,6 +43,8 @@ from .uploader import Uploader
 from .windows import StreamClock, Window, fill_missing_ts, segments, window_start
 
 log = logging.getLogger(__name__)
+
+STREAMS_FILE = ".streams/windows.npz"  # a stream model's windows, beside the spool (which skips dot folders)
 
 TS_CEILING = MAX_TS - 2 * MAX_WINDOW_SECONDS  # a window end computed from any accepted ts fits a datetime
 DEAD_LETTER_LINE_MAX = 64 * 1024  # bytes of a rejected line kept in its dead letter
@@ -192,6 +195,7 @@ class EdgeRuntime:
         self._dropped_seen = 0
         self._stats = RunStats()
         self._note_model()
+        self._restore_streams()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -207,6 +211,7 @@ class EdgeRuntime:
         if self.orphans:
             self._open(window_start(self._orphan_ts(), self.config.window.seconds))
         self._close_window()
+        self._save_streams()
         self.uploader.stop(upload_timeout)
         self.events.close()
         self.dead_letter.close()
@@ -390,6 +395,32 @@ class EdgeRuntime:
         summary = self._summary(window, spool_dropped=None)
         if self.spool.checkpoint(self._checkpoint_name(window), encode(summary), self._samples(window)):
             window.changed = False
+        self._save_streams()
+
+    def _streams_file(self) -> Path:
+        return Path(self.config.sinks.outbox) / STREAMS_FILE
+
+    def _save_streams(self) -> None:
+        """A stream model's windows, beside the spool (the spool's lock makes them this runtime's)."""
+        if self.model.streams is None:
+            return
+        path = self._streams_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, self.model.streams.dump())
+        except OSError as err:  # a full disk: the windows are kept in memory, saved at the next chance
+            log.warning("stream windows not saved to %s: %s", path, err.strerror or err)
+
+    def _restore_streams(self) -> None:
+        if self.model.streams is None or not self._streams_file().is_file():
+            return
+        path = self._streams_file()
+        try:
+            restored = self.model.streams.restore(path.read_bytes())
+        except (OSError, ValueError) as err:
+            log.warning("stream windows in %s not restored (%s): every stream warms up again", path, err)
+            return
+        log.info("stream windows restored: %d streams from %s", restored, path)
 
     def _checkpoint_name(self, window: Window) -> str:
         """One checkpoint per window part: a part that closed into memory (disk full) keeps its own

@@ -11,12 +11,14 @@ left with the stream's first value (the history is then what has been seen so fa
 new stream, and every stream after a restart, would otherwise open with a burst of false outliers.
 
 Memory is bounded: at most ``max_streams`` streams are kept; the one unseen longest is forgotten
-(and counted) when a new one arrives beyond that. The state lives in memory: after a restart each
-stream fills its window again.
+(and counted) when a new one arrives beyond that. The runtime saves the windows beside its spool
+(``dump``/``restore``) with every checkpoint and at a clean stop, so a restart, even after a kill,
+picks each stream up where it was instead of warming it up again.
 """
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 
 import numpy as np
@@ -96,3 +98,35 @@ class StreamWindows:
         while len(self._history) > self.spec.max_streams:
             self._history.popitem(last=False)
             self.forgotten += 1
+
+    def dump(self) -> bytes:
+        """Every stream's history, oldest stream first, as one .npz document."""
+        names = list(self._history)
+        lengths = np.array([len(h) for h in self._history.values()], np.int64)
+        values = np.concatenate(list(self._history.values())) if names else np.empty(0, np.float32)
+        out = io.BytesIO()
+        np.savez(out, key=np.array(self.spec.key), value=np.array(self.spec.value), names=np.array(names, dtype=str),
+                 lengths=lengths, values=values.astype(np.float32))
+        return out.getvalue()
+
+    def restore(self, data: bytes) -> int:
+        """Take back what ``dump`` saved, if it is this spec's key and value (trimmed to this window);
+        the number of streams restored. ValueError if the document is not one ``dump`` wrote."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as doc:
+                key, value = str(doc["key"]), str(doc["value"])
+                names, lengths, values = doc["names"].tolist(), doc["lengths"], doc["values"]
+        except (OSError, KeyError, ValueError, EOFError) as err:
+            raise ValueError(f"not a saved stream state ({err})") from None
+        if (key, value) != (self.spec.key, self.spec.value):
+            return 0
+        if len(names) != len(lengths) or lengths.sum() != len(values) or (lengths < 0).any():
+            raise ValueError("saved stream state does not add up")
+        keep = self.width - 1
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        history = OrderedDict((str(n), values[a:b][-keep:].astype(np.float32).copy())
+                              for n, a, b in zip(names, starts[:-1], starts[1:]))
+        while len(history) > self.spec.max_streams:
+            history.popitem(last=False)
+        self._history = history
+        return len(history)

@@ -194,15 +194,65 @@ def test_young_streams_are_scored_but_not_flagged_until_warm(stream_bundle, tmp_
     x[10] += 15  # a spike while the stream is young: scored, not flagged
     x[150] += 60  # one once it is warm, beyond everything before it
     records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(200)]
-    for run in ("first", "after a restart"):  # windows live in memory: a restart warms up again
-        out = tmp_path / run
-        with EdgeRuntime(config(out, bundle, 16)) as rt:
-            stats = rt.process(json.dumps(r) for r in records)
-        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-        flagged = sorted(int(e["id"]) for e in events if e["kind"] == "outlier")
-        assert 150 in flagged and not [t for t in flagged if t < WARMUP]
-        assert stats.scored == 200 and stats.outliers == len(flagged)
-        assert {e["stream"] for e in events if e["kind"] == "outlier"} == {"p"}  # events name their stream
+    with EdgeRuntime(config(tmp_path, bundle, 16)) as rt:
+        stats = rt.process(json.dumps(r) for r in records)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    flagged = sorted(int(e["id"]) for e in events if e["kind"] == "outlier")
+    assert 150 in flagged and not [t for t in flagged if t < WARMUP]
+    assert stats.scored == 200 and stats.outliers == len(flagged)
+    assert {e["stream"] for e in events if e["kind"] == "outlier"} == {"p"}  # events name their stream
+
+
+def _events(path: Path) -> dict[str, float]:
+    return {e["id"]: e["score"] for e in map(json.loads, path.read_text().splitlines()) if e["kind"] == "outlier"}
+
+
+def test_a_restart_picks_the_streams_up_where_they_were(stream_bundle, tmp_path):
+    bundle, _ = stream_bundle
+    x = series(300, 11)
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": s, "value": float(x[t] + (5 if s == "q" else 0))}
+               for t in range(300) for s in ("p", "q")]
+    straight = device_scores(tmp_path / "straight", bundle, records, 8)
+    cfg = config(tmp_path / "restarted", bundle, 8, threshold=-1.0)
+    with EdgeRuntime(cfg) as rt:  # a clean stop saves the windows
+        rt.process(json.dumps(r) for r in records[:300])
+    with EdgeRuntime(cfg) as rt:
+        rt.process(json.dumps(r) for r in records[300:])
+    restarted = _events(tmp_path / "restarted" / "events.jsonl")
+    assert restarted == pytest.approx(straight)  # the same scores, and no second warm-up
+
+
+def test_after_a_kill_the_streams_resume_from_the_last_checkpoint(stream_bundle, tmp_path):
+    bundle, _ = stream_bundle
+    x = series(300, 12)
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(300)]
+    cfg = config(tmp_path, bundle, 8, threshold=-1.0)
+    rt = EdgeRuntime(cfg)
+    rt.process(json.dumps(r) for r in records[:100])
+    rt.checkpoint()  # as the service does every window.checkpoint_s
+    rt.process(json.dumps(r) for r in records[100:150])  # counted, never saved: the kill comes now
+    rt.events.close()
+    rt.spool.close()  # what the kill leaves: the checkpoint, and the spool's lock released
+    with EdgeRuntime(cfg) as again:
+        again.process(json.dumps(r) for r in records[150:])
+    scores = _events(tmp_path / "events.jsonl")
+    assert {str(t) for t in range(150, 300)} <= set(scores)  # no warm-up: the stream was known
+
+
+def test_a_damaged_stream_state_is_set_aside_and_the_streams_warm_up_again(stream_bundle, tmp_path, caplog):
+    from edge_runtime.runtime import STREAMS_FILE
+
+    bundle, _ = stream_bundle
+    cfg = config(tmp_path, bundle, 8, threshold=-1.0)
+    state = tmp_path / "outbox" / STREAMS_FILE
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"not an npz")
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": 50.0 + t % 7} for t in range(100)]
+    with caplog.at_level("WARNING"), EdgeRuntime(cfg) as rt:
+        stats = rt.process(json.dumps(r) for r in records)
+    assert stats.scored == 100 and "not restored" in caplog.text
+    assert set(_events(tmp_path / "events.jsonl")) == {str(t) for t in range(WARMUP, 100)}
+    assert StreamWindows(StreamSpec(value="value", window=WINDOW)).restore(state.read_bytes()) == 1  # saved anew
 
 
 def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
