@@ -81,7 +81,11 @@ def _train(args) -> int:
     if card.stream:
         print(f"threshold {card.outlier.threshold:g}, a stated excursion beyond the stream's recent range; it "
               f"flags {card.outlier.target_false_positive_rate:.2%} of the training series; window "
-              f"{card.stream['window']} values, streams keyed by '{card.stream['key']}' -> {out_dir}")
+              f"{card.stream['window']} values, streams keyed by '{card.stream['key']}', "
+              + (f"a cycle of {card.lineage['seasonal_period']} values" if card.lineage.get("seasonal_period")
+                 else "no cycle") + f" -> {out_dir}")
+        if card.lineage.get("seasonal_note"):
+            print(f"note: {card.lineage['seasonal_note']}")
     else:
         holdout_fpr = card.lineage.get("metrics", {}).get("holdout_fpr", float("nan"))
         print(f"threshold {card.outlier.threshold:.4f} (target FPR {card.outlier.target_false_positive_rate:.2%}, "

@@ -8,7 +8,10 @@ baseline standard deviations, so a flat stream does not divide by zero): 0 insid
 an excursion a tenth of the range beyond it. The same is asked of the stream smoothed (the mean of
 each ``smooth`` consecutive values), weighted ``smooth_weight``: a run of values that is unusual
 together (spikes coming denser, a level creeping past its usual band) shows there when no single
-value is a record. The score is the larger of the two. Because the range is the stream's own recent
+value is a record. Where the training series has a cycle (a day of readings, say), the change over
+one cycle is judged the same way, weighted ``seasonal_weight``: a day that goes flat, or peaks lower
+than every day before it, shows there while every single value stays inside the usual range. The
+score is the largest of these. Because the range is the stream's own recent
 one, the detector adapts: after a level shift it fires and then, as the window fills with the new
 level, falls quiet, instead of flagging every later record.
 
@@ -49,6 +52,9 @@ DEFAULT_MARGIN = 1.0  # baseline standard deviations added to the range: the flo
 DEFAULT_SMOOTH = 16  # values per mean in the smoothed series
 DEFAULT_SMOOTH_WEIGHT = 2.0  # how much a smoothed excursion counts against a raw one
 DEFAULT_THRESHOLD = 0.1  # flag an excursion beyond the recent range by a tenth of that range
+DEFAULT_SEASONAL_WEIGHT = 2.0  # how much the change over one cycle counts, where the stream has a cycle
+DEFAULT_WARMUP = 64  # values before a young stream is flagged (at least a cycle, for a periodic one)
+MIN_PERIOD, MIN_AUTOCORRELATION = 12, 0.5  # what counts as a cycle in the training series
 MIN_ROWS = 100
 
 
@@ -86,8 +92,10 @@ def read_stream_csv(path: str | Path, value: str = "value", key: str = "stream_i
 
 
 def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MARGIN, smooth: int = DEFAULT_SMOOTH,
-                smooth_weight: float = DEFAULT_SMOOTH_WEIGHT):
-    """The ONNX graph: (n, window) float32 -> (n, 1) scores."""
+                smooth_weight: float = DEFAULT_SMOOTH_WEIGHT, period: int | None = None,
+                seasonal_weight: float = DEFAULT_SEASONAL_WEIGHT):
+    """The ONNX graph: (n, window) float32 -> (n, 1) scores. With a ``period``, also the excursion of
+    the newest change over one cycle (the value less the one ``period`` values before it)."""
     from onnx import TensorProto, helper
 
     if not 2 <= smooth <= window // 2:
@@ -122,8 +130,18 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
         helper.make_node("Squeeze", ["means3", "axis1"], ["means"]),
         *excursion("means", "mean_width", "mean_excursion"),
         helper.make_node("Mul", ["mean_excursion", "smooth_weight"], ["mean_score"]),
-        helper.make_node("Max", ["raw_score", "mean_score"], [SCORE_OUTPUT]),
     ]
+    terms = ["raw_score", "mean_score"]
+    if period:
+        nodes += [  # the change over one cycle, (n, window - period), judged as the values are
+            helper.make_node("Slice", ["z", "period", "end_i", "axis1"], ["later"]),
+            helper.make_node("Slice", ["z", "zero_i", "cycle_end", "axis1"], ["earlier"]),
+            helper.make_node("Sub", ["later", "earlier"], ["seasonal"]),
+            *excursion("seasonal", "seasonal_width", "seasonal_excursion"),
+            helper.make_node("Mul", ["seasonal_excursion", "seasonal_weight"], ["seasonal_score"]),
+        ]
+        terms.append("seasonal_score")
+    nodes.append(helper.make_node("Max", terms, [SCORE_OUTPUT]))
     inits = [
         const("mean", mean), const("sd", sd), const("zero", 0.0), const("margin", margin),
         const("smooth_weight", smooth_weight),
@@ -133,6 +151,15 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
         helper.make_tensor("end_i", TensorProto.INT64, [1], [2**62]),
         helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
     ]
+    if period:
+        if not 2 <= period <= window // 2:
+            raise TrainingError(f"period must be 2 .. window/2 ({window // 2}), got {period}")
+        inits += [
+            const("seasonal_weight", seasonal_weight),
+            helper.make_tensor("period", TensorProto.INT64, [1], [period]),
+            helper.make_tensor("cycle_end", TensorProto.INT64, [1], [window - period]),
+            helper.make_tensor("seasonal_width", TensorProto.INT64, [1], [window - period - 1]),
+        ]
     graph = helper.make_graph(
         nodes, "edgeloop-stream-range",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["n", window])],
@@ -143,6 +170,27 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
                               producer_name="edgeloop")
     model.ir_version = 8  # readable by every ONNX Runtime from 1.10 on
     return model
+
+
+def detect_period(data: StreamData) -> int:
+    """The training series' cycle, in values: past the lag where its autocorrelation first turns
+    negative (and at least 12), the lag up to half the series where it peaks again, if that peak
+    reaches 0.5; 0 for none. With several streams, the one with the most values."""
+    names = sorted(set(data.streams), key=data.streams.count, reverse=True)
+    x = data.values[[i for i, s in enumerate(data.streams) if s == names[0]]] if len(names) > 1 else data.values
+    x = x - x.mean()
+    n = len(x)
+    if n < 2 * MIN_PERIOD or not x.std() > 0:
+        return 0
+    spectrum = np.fft.rfft(x, 2 * n)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum))[:n]
+    acf /= acf[0]
+    negative = np.flatnonzero(acf[:n // 2] < 0)
+    start = max(int(negative[0]), MIN_PERIOD) if len(negative) else n
+    if start >= n // 2:  # never decorrelates within half the series: a trend, not a cycle
+        return 0
+    lag = int(np.argmax(acf[start:n // 2]) + start)
+    return lag if acf[lag] >= MIN_AUTOCORRELATION else 0
 
 
 def _windows(data: StreamData, spec: StreamSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +204,8 @@ def _windows(data: StreamData, spec: StreamSpec) -> tuple[np.ndarray, np.ndarray
 def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-outliers", version: str = "1.0.0",
                  value: str = "value", key: str = "stream_id", window: int = DEFAULT_WINDOW,
                  threshold: float = DEFAULT_THRESHOLD, margin: float = DEFAULT_MARGIN, smooth: int = DEFAULT_SMOOTH,
-                 smooth_weight: float = DEFAULT_SMOOTH_WEIGHT, rows: int | None = None,
+                 smooth_weight: float = DEFAULT_SMOOTH_WEIGHT, period: int | None = None,
+                 seasonal_weight: float = DEFAULT_SEASONAL_WEIGHT, rows: int | None = None,
                  lineage: dict | None = None) -> TrainResult:
     """Fit the stream detector on a CSV's ``value`` column (its first ``rows`` rows, or all) and write a
     training output that ``compile_bundle`` turns into a bundle. ``lineage`` (the training entry
@@ -175,8 +224,17 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
     sd = float(series.values.std())
     if not sd > 0:  # a constant training series: any movement is news, on the scale of its level
         sd = 1e-3 * max(abs(mean), 1.0)
-    spec = StreamSpec(key=key, value=value, window=window)
-    model = build_graph(window, mean, sd, margin, smooth, smooth_weight)
+    found = None
+    if period is None:  # found in the training series (0: none); one that the window cannot hold twice is not used
+        found = period = detect_period(series) if seasonal_weight > 0 else 0
+        if period > window // 2:
+            period = 0
+    if period and period > window // 2:
+        raise TrainingError(f"a period of {period} values needs a window of at least {2 * period}")
+    # a periodic stream is judged once its window holds a whole cycle: the change over one cycle of a
+    # younger stream would be measured against its padding
+    spec = StreamSpec(key=key, value=value, window=window, warmup=min(max(DEFAULT_WARMUP, period), window - 1))
+    model = build_graph(window, mean, sd, margin, smooth, smooth_weight, period or None, seasonal_weight)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     X, judged = _windows(series, spec)
     scores = session.run([SCORE_OUTPUT], {INPUT_NAME: X})[0].reshape(-1).astype(np.float64)
@@ -197,19 +255,25 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
 
         lineage = {"data": {"path": str(Path(data).resolve()), **data_facts(data)},
                    "hyperparameters": {"model": "stream", "window": window, "margin": margin, "smooth": smooth,
-                                       "smooth_weight": smooth_weight, "threshold": threshold, "rows": rows}}
+                                       "smooth_weight": smooth_weight, "threshold": threshold, "rows": rows,
+                                       "seasonal_weight": seasonal_weight}}
+    lineage = {**lineage, "seasonal_period": period}
+    if found and not period:
+        lineage["seasonal_note"] = f"a cycle of {found} values was found; the window of {window} is too short to use it"
     card = TrainingCard(
         name=name, version=version, features=[value],
         output=OutputSpec(name=SCORE_OUTPUT, meaning="how far the newest value (or the mean of the newest "
-                          f"{smooth}, weighted x{smooth_weight:g}) falls outside the range of the stream's earlier "
-                          f"ones in its last {window}, as a fraction of that range (+{margin} training SD)",
-                          higher_is_outlier=True),
+                          f"{smooth}, weighted x{smooth_weight:g}"
+                          + (f"; or its change over a {period}-value cycle, x{seasonal_weight:g}" if period else "")
+                          + f") falls outside the range of the stream's earlier ones in its last {window}, as a "
+                          f"fraction of that range (+{margin} training SD)", higher_is_outlier=True),
         # the threshold is a stated excursion, not a quantile: the rate it gives on the training series is
         # what the fleet review compares the devices' outlier rates with
         outlier=OutlierRule(threshold=threshold, target_false_positive_rate=training_rate,
                             calibration_rows=int(judged.sum())),
-        algorithm=f"stream range excursion (window={window}, smooth={smooth} x{smooth_weight:g}, margin={margin} SD; "
-                  f"mean={mean:.6g}, sd={sd:.6g})",
+        algorithm=f"stream range excursion (window={window}, smooth={smooth} x{smooth_weight:g}, "
+                  + (f"period={period} x{seasonal_weight:g}, " if period else "period=none, ")
+                  + f"margin={margin} SD; mean={mean:.6g}, sd={sd:.6g})",
         train_rows=len(series.values),
         missing_values={"policy": {value: "drop"}, "rows_dropped": series.dropped},
         lineage=lineage,

@@ -205,7 +205,8 @@ def _train_stream(data: Path, out_dir: Path, hp: dict, lineage: dict) -> TrainRe
 
     return train_stream(data, out_dir, name=hp["name"], version=hp["version"], value=hp["value"],
                         key=hp["stream_key"], window=hp["window"], threshold=hp["threshold"], margin=hp["margin"],
-                        smooth=hp["smooth"], smooth_weight=hp["smooth_weight"], rows=hp["rows"], lineage=lineage)
+                        smooth=hp["smooth"], smooth_weight=hp["smooth_weight"], period=hp["period"],
+                        seasonal_weight=hp["seasonal_weight"], rows=hp["rows"], lineage=lineage)
 
 
 MODELS["stream"] = ModelKind(
@@ -219,6 +220,9 @@ MODELS["stream"] = ModelKind(
         "margin": Option(_within(0, 1e6), 1.0, "training SDs added to the range (a flat stream's floor)"),
         "smooth": Option(_at_least(2), 16, "values per mean in the smoothed series"),
         "smooth_weight": Option(_within(0, 1e6), 2.0, "how much a smoothed excursion counts against a raw one"),
+        "period": Option(_at_least(0), None, "the stream's cycle in values (default: found in the training "
+                         "series; 0: none)"),
+        "seasonal_weight": Option(_within(-1e-9, 1e6), 2.0, "how much the change over one cycle counts (0: none)"),
         "rows": Option(_at_least(100), None, "train on the first N rows only (default: all)"),
     },
     train=_train_stream,

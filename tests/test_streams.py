@@ -23,14 +23,16 @@ import nab  # noqa: E402
 
 WINDOW = 256
 WARMUP = 64  # a stream's first values are scored, never flagged
+PERIOD = 50  # the test series' cycle, which training finds
 
 
 def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, margin: float = 1.0, smooth: int = 16,
-                     weight: float = 2.0) -> np.ndarray:
+                     weight: float = 2.0, period: int = PERIOD, seasonal_weight: float = 2.0) -> np.ndarray:
     """The detector written plainly, one value at a time, in float64: how far the newest value falls
     outside the range of the stream's previous (window - 1) values, over that range + margin; the same
     for the mean of the newest ``smooth`` values against the earlier means in the window, x ``weight``;
-    the larger of the two. A young stream's window is padded with its first value."""
+    the same for each value's change over one cycle, x ``seasonal_weight``; the largest of the three. A
+    young stream's window is padded with its first value."""
     z = (np.asarray(values, dtype=np.float64) - mean) / sd
 
     def excursion(series: np.ndarray) -> float:
@@ -42,13 +44,14 @@ def reference_scores(values: np.ndarray, mean: float, sd: float, window: int, ma
         w = z[max(0, t - window + 1):t + 1]
         w = np.concatenate([np.full(window - len(w), z[0]), w])
         means = np.convolve(w, np.full(smooth, 1 / smooth), mode="valid")  # each run of `smooth` values
-        out[t] = max(excursion(w), weight * excursion(means))
+        cycle = w[period:] - w[:-period]  # each value's change over one cycle
+        out[t] = max(excursion(w), weight * excursion(means), seasonal_weight * excursion(cycle))
     return out
 
 
 def series(n: int, seed: int, shift_at: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = 50 + 5 * np.sin(np.arange(n) / 20) + rng.normal(0, 1, n)
+    x = 50 + 5 * np.sin(2 * np.pi * np.arange(n) / PERIOD) + rng.normal(0, 1, n)
     if shift_at is not None:
         x[shift_at:] += 30
     return x
@@ -151,6 +154,7 @@ def test_training_writes_a_stream_bundle(stream_bundle):
     assert set(manifest["skipped_variants"]) == {"fp16", "int8"}
     assert "stream model" in manifest["skipped_variants"]["fp16"]["reason"]
     assert len(manifest["lineage"]["data"]["sha256"]) == 64
+    assert manifest["lineage"]["seasonal_period"] == PERIOD  # found in the training series
     assert manifest["lineage"]["hyperparameters"]["window"] == WINDOW
     # the threshold is the stated excursion; the rate it gives on the training series is recorded for the
     # fleet review
