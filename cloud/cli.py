@@ -427,19 +427,22 @@ def _progress(label: str):
 
 
 def _retrain(args) -> int:
-    from cloud.registry import fetch_bundle
+    from cloud.registry import open_registry
     from cloud.retrain import retrain
-    from edge_runtime.store import open_store
 
-    store = open_store(args.store, args.endpoint_url) if args.store else None
+    registry = None  # the local registry on --store, or SageMaker Model Registry (files on --store)
+    if args.registry:
+        registry = open_registry(args.registry, args.store, endpoint_url=args.endpoint_url, region=args.region)
+    elif args.store:
+        registry = open_registry(args.store, endpoint_url=args.endpoint_url)
     champion = args.champion
     if champion is None:
-        if store is None or not args.model or not args.version:
-            print("edgeloop retrain: error: give --champion BUNDLE, or --store with --model and --version",
-                  file=sys.stderr)
+        if registry is None or not args.model or not args.version:
+            print("edgeloop retrain: error: give --champion BUNDLE, or a registry (--store, or --registry sagemaker "
+                  "with --store s3://...) with --model and --version", file=sys.stderr)
             return 2
-        champion = fetch_bundle(store, args.model, args.version, Path(args.out) / "champion")
-    result = retrain(args.data, champion, args.out, args.new_version, store=store, approve=args.approve,
+        champion = registry.fetch_bundle(args.model, args.version, Path(args.out) / "champion")
+    result = retrain(args.data, champion, args.out, args.new_version, store=registry, approve=args.approve,
                      seed=args.seed, missing=args.missing)
     print(f"champion {result.champion.version}: worst KS {result.champion.worst_ks:.3f}, flagged "
           f"{result.champion.flagged_rate:.2%}; challenger {result.challenger.version}: worst KS "
@@ -469,7 +472,7 @@ def _retrain(args) -> int:
 
             session = boto3.Session(region_name=args.region) if args.region else boto3.Session()
             for p in publish(args.build_dir, bucket=args.bucket, region=args.region, session=session,
-                             only=[built.name], progress=lambda m: print(m, file=sys.stderr), registry=store):
+                             only=[built.name], progress=lambda m: print(m, file=sys.stderr), registry=registry):
                 print(f"published {p.name} {p.version}")
             if args.deploy:
                 store_url = args.deploy_store or (args.store if args.store and args.store.startswith("s3://") else None)
@@ -763,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="fresh records, CSV with the model's feature columns")
     p.add_argument("--champion", help="the champion's bundle directory")
     p.add_argument("--store", help="the registry's store (champion from it with --model/--version; winner to it)")
+    p.add_argument("--registry", help="sagemaker[:PREFIX]: SageMaker Model Registry, with the files on --store "
+                   "(s3://...); default: the local registry on --store")
     p.add_argument("--endpoint-url")
     p.add_argument("--model")
     p.add_argument("--version", help="the champion's version")

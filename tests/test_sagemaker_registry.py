@@ -312,3 +312,21 @@ def test_open_registry_picks_the_backend(tmp_path, moto_endpoint, s3_bucket):
         reg = open_registry(spec, f"s3://{s3_bucket}/fleet", endpoint_url=moto_endpoint, region=REGION)
         assert isinstance(reg, SageMakerRegistry) and reg.group_prefix == group_prefix
         assert reg.group_name("sensor_outliers.v2") == f"{group_prefix}sensor-outliers-v2"
+
+
+def test_cli_retrain_takes_its_champion_from_sagemaker_and_registers_the_winner_there(
+        sm, s3_bucket, prefix, moto_endpoint, bundle_dir, tmp_path, capsys):
+    from test_retrain import COHORT_DRIFT, fresh_csv
+
+    aws = ["--registry", f"sagemaker:{prefix}", "--region", REGION, "--endpoint-url", moto_endpoint]
+    store = ["--store", f"s3://{s3_bucket}/fleet"]
+    assert main(["model", "register", *aws, *store, "--bundle", str(bundle_dir), "--approve"]) == 0
+    data = fresh_csv(tmp_path / "fresh.csv", COHORT_DRIFT)
+    assert main(["retrain", *aws, *store, "--data", str(data), "--model", MODEL, "--version", "1.0.0",
+                 "--new-version", "1.0.1", "--out", str(tmp_path / "out")]) == 0
+    assert f"registered 1.0.1 ({PENDING})" in capsys.readouterr().out
+    registry = SageMakerRegistry(sm, group_prefix=prefix)
+    assert [(v.version, v.approval) for v in registry.versions(MODEL)] == [("1.0.0", "Approved"), ("1.0.1", PENDING)]
+    assert main(["retrain", *aws, "--data", str(data), "--model", MODEL, "--version", "1.0.0",
+                 "--new-version", "1.0.2"]) == 2  # the files live on the store: without it, a clear error
+    assert "needs the S3 store for the files (--store s3://...)" in capsys.readouterr().err
