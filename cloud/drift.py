@@ -49,6 +49,7 @@ from edge_runtime.contracts import (
     model_key,
 )
 from edge_runtime.store import ObjectNotFound, ObjectStore
+from edge_runtime.summary import kll_layout
 
 from . import drift_stats as st
 
@@ -580,12 +581,18 @@ def _take(state: _Device, key, data, model, version, since, until, cycle, grids,
     if set(s.features) != set(grids) - {SCORE_ROW}:
         warnings.append(f"summary skipped: {key}: features {sorted(s.features)} are not the baseline's")
         return
+    try:  # every float sketch's layout, checked before anything of the summary is counted
+        layouts = {name: kll_layout(x.kll) for name, x in [*s.features.items(), (SCORE_ROW, s.score)]
+                   if x.count and x.kll and x.kll_type == "f32"}
+    except ValueError as err:
+        warnings.append(f"summary skipped: {key}: a damaged sketch ({err})")
+        return
     bucket = int((until - s.window_end) // cycle) if cycle else 0
     profiles = state.buckets.setdefault(bucket, {name: st.Profile(grid) for name, grid in grids.items()})
     state.covered.setdefault(bucket, {})[s.window_start] = (s.window_end - s.window_start).total_seconds()
     for name, summary in s.features.items():
-        profiles[name].add_summary(summary)
-    profiles[SCORE_ROW].add_summary(s.score)
+        profiles[name].add_summary(summary, layouts.get(name))
+    profiles[SCORE_ROW].add_summary(s.score, layouts.get(SCORE_ROW))
     state.windows += 1
     state.records += s.records
     state.rejected += s.rejected

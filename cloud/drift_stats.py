@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_runtime.contracts import NumericSummary
-from edge_runtime.summary import decode_sketch, grid_masses, kll_size
+from edge_runtime.summary import SketchLayout, decode_sketch, grid_masses, kll_layout
 
 GRID_RANKS = 129  # baseline quantiles the grid is built on: resolution 1/128 of the baseline's mass
 PSI_BINS = 10
@@ -83,6 +83,7 @@ class Profile:
     grid32: np.ndarray | None = field(default=None, repr=False)  # the grid as float32, as a float sketch sees it
     # float sketches whose masses are yet to be added: read together, in one pass (``settle``)
     pending: list[bytes] = field(default_factory=list, repr=False)
+    layouts: list[SketchLayout] = field(default_factory=list, repr=False)  # the pending sketches', as read
 
     def __post_init__(self) -> None:
         if self.cdf_mass is None:
@@ -107,22 +108,26 @@ class Profile:
         if self.pending:
             if self.grid32 is None:
                 self.grid32 = self.grid.astype(np.float32)
-            self.cdf_mass = self.cdf_mass + grid_masses(self.grid32, self.pending)
-            self.pending = []
+            self.cdf_mass = self.cdf_mass + grid_masses(self.grid32, self.pending, self.layouts)
+            self.pending, self.layouts = [], []
 
     @property
     def rank_error(self) -> float:
         return self.error_mass / self.count if self.count else 0.0
 
-    def add_summary(self, s: NumericSummary) -> None:
+    def add_summary(self, s: NumericSummary, layout: SketchLayout | None = None) -> None:
+        """Add one window's series. ``layout``: its float sketch's, if the caller has read (and so
+        checked) it already; otherwise it is read here, and ValueError says the sketch is damaged."""
         self.missing += s.missing
         self.nonfinite += s.nonfinite
         if not s.count:
             return
-        size = kll_size(s.kll) if s.kll and s.kll_type == "f32" else None
-        if size is not None and size[1] == s.count:  # the usual case: read later, with other windows'
-            k, mass = size[0], None
+        if s.kll and s.kll_type == "f32" and layout is None:
+            layout = kll_layout(s.kll)
+        if layout is not None and layout.n == s.count:  # the usual case: read later, with other windows'
+            k, mass = layout.k, None
             self.pending.append(s.kll)
+            self.layouts.append(layout)
             if len(self.pending) >= PENDING_MAX:
                 self.settle()
         else:

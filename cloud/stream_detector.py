@@ -56,6 +56,8 @@ DEFAULT_SEASONAL_WEIGHT = 2.0  # how much the change over one cycle counts, wher
 DEFAULT_WARMUP = 64  # values before a young stream is flagged (at least a cycle, for a periodic one)
 MIN_PERIOD, MIN_AUTOCORRELATION = 12, 0.5  # what counts as a cycle in the training series
 MIN_ROWS = 100
+Z_LIMIT = 1e30  # standardised values are clipped here: far beyond any range, and 16 of them still sum finite
+SCORE_CHUNK = 2048  # training rows scored at a time: a window row is 16 KB at the default window
 
 
 @dataclass
@@ -122,7 +124,10 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
 
     nodes = [
         helper.make_node("Sub", [INPUT_NAME, "mean"], ["centred"]),
-        helper.make_node("Div", ["centred", "sd"], ["z"]),
+        helper.make_node("Div", ["centred", "sd"], ["z_raw"]),
+        # a sensor's error sentinel (3.4e38) over a small training SD is inf in float32, and inf - inf
+        # in a mean is NaN: clipped, such a value scores as the huge excursion it is
+        helper.make_node("Clip", ["z_raw", "z_low", "z_high"], ["z"]),
         *excursion("z", "raw_width", "raw_score"),
         # the mean of every `smooth` consecutive values: (n, 1, window) -> (n, 1, window - smooth + 1)
         helper.make_node("Unsqueeze", ["z", "axis1"], ["z3"]),
@@ -144,6 +149,8 @@ def build_graph(window: int, mean: float, sd: float, margin: float = DEFAULT_MAR
     nodes.append(helper.make_node("Max", terms, [SCORE_OUTPUT]))
     inits = [
         const("mean", mean), const("sd", sd), const("zero", 0.0), const("margin", margin),
+        helper.make_tensor("z_low", TensorProto.FLOAT, [], [-Z_LIMIT]),
+        helper.make_tensor("z_high", TensorProto.FLOAT, [], [Z_LIMIT]),
         const("smooth_weight", smooth_weight),
         helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
         helper.make_tensor("raw_width", TensorProto.INT64, [1], [window - 1]),
@@ -193,12 +200,22 @@ def detect_period(data: StreamData) -> int:
     return lag if acf[lag] >= MIN_AUTOCORRELATION else 0
 
 
-def _windows(data: StreamData, spec: StreamSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The rows a device would build from these values, one per value, in order, and which of them
-    the device would judge (their stream past its warm-up)."""
-    seen = np.empty(len(data.values), np.int64)
-    rows = StreamWindows(spec).rows(data.values.astype(np.float32), data.streams, seen)
-    return rows, seen >= min(spec.warmup, spec.window - 1)
+def _score_series(session, data: StreamData, spec: StreamSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score the series as a device would, through its own window builder, a chunk of rows at a time
+    (a year of 5-minute readings is 105,000 rows of 16 KB). Returns every value's score, which of them
+    the device would judge (their stream past its warm-up), and up to 256 rows for the compile's
+    parity gate, spread over the series."""
+    windows, values = StreamWindows(spec), data.values.astype(np.float32)
+    seen = np.empty(len(values), np.int64)
+    scores = np.empty(len(values))
+    keep = set(np.linspace(0, len(values) - 1, min(len(values), 256)).astype(int).tolist())
+    samples = []
+    for lo in range(0, len(values), SCORE_CHUNK):
+        hi = min(lo + SCORE_CHUNK, len(values))
+        rows = windows.rows(values[lo:hi], data.streams[lo:hi], seen[lo:hi])
+        scores[lo:hi] = session.run([SCORE_OUTPUT], {INPUT_NAME: rows})[0].reshape(-1)
+        samples += [rows[i - lo] for i in range(lo, hi) if i in keep]
+    return scores, seen >= min(spec.warmup, spec.window - 1), np.stack(samples)
 
 
 def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-outliers", version: str = "1.0.0",
@@ -214,6 +231,8 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
 
     if not threshold > 0:
         raise TrainingError(f"threshold must be above 0 (an excursion beyond the range), got {threshold}")
+    if not margin > 0:
+        raise TrainingError(f"margin must be above 0 (training SDs added to the range), got {margin}")
     if not 2 <= window <= 4096:
         raise TrainingError(f"window must be 2 .. 4096 values, got {window}")
     full = read_stream_csv(data, value, key)
@@ -236,8 +255,7 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
     spec = StreamSpec(key=key, value=value, window=window, warmup=min(max(DEFAULT_WARMUP, period), window - 1))
     model = build_graph(window, mean, sd, margin, smooth, smooth_weight, period or None, seasonal_weight)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    X, judged = _windows(series, spec)
-    scores = session.run([SCORE_OUTPUT], {INPUT_NAME: X})[0].reshape(-1).astype(np.float64)
+    scores, judged, samples = _score_series(session, series, spec)
     # the rate the device would flag: a stream's warm-up values are never flagged
     training_rate = float((scores[judged] > threshold).mean()) if judged.any() else 0.0
 
@@ -248,8 +266,7 @@ def train_stream(data: str | Path, out_dir: str | Path, *, name: str = "stream-o
                              int((scores > threshold).sum()))
     baseline.features[value].missing = series.dropped
     (out / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
-    pick = np.linspace(0, len(X) - 1, min(len(X), 256)).astype(int)
-    np.save(out / SAMPLES_FILE, X[pick])
+    np.save(out / SAMPLES_FILE, samples)
     if lineage is None:
         from cloud.train_entry import data_facts
 

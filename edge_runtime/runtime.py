@@ -34,9 +34,9 @@ from .records import MAX_TS, Decoded, Reason, Rejection, TooLong
 from .scoring import ScoringError
 from .sinks import JsonlSink
 from .sources import Payload
-from .spool import Spool, atomic_write
+from .spool import TEMP_PREFIX, Spool, atomic_write
 from .store import ObjectStore, store_for
-from .streams import DEFAULT_STREAM
+from .streams import DEFAULT_STREAM, StreamWindows
 from .summary import MatrixAccumulator
 from .summary_format import encode
 from .uploader import Uploader
@@ -295,13 +295,11 @@ class EdgeRuntime:
                      np.concatenate([d.index for d in decoded]) if decoded else np.empty(0, np.int64))
         streams = None  # stream models: each row's stream, and whether it is still warming up
         if len(values):
-            inputs = values
-            if model.streams is not None:
-                names, seen = _streams(decoded), np.empty(len(values), np.int64)
-                inputs = model.streams.rows(values[:, 0], names, seen)
-                spec = model.streams.spec
-                streams = _StreamRows(names, seen < min(spec.warmup, spec.window - 1))
+            inputs = values if model.streams is None else _WindowRows(model.streams, values[:, 0], _streams(decoded))
             scores, failed = self._score(inputs, rows, model)
+            if model.streams is not None:
+                spec = model.streams.spec
+                streams = _StreamRows(inputs.names, inputs.seen < min(spec.warmup, spec.window - 1))
             if failed is not None:
                 rejections += failed[1]
                 keep = failed[0]
@@ -412,9 +410,11 @@ class EdgeRuntime:
             log.warning("stream windows not saved to %s: %s", path, err.strerror or err)
 
     def _restore_streams(self) -> None:
-        if self.model.streams is None or not self._streams_file().is_file():
-            return
         path = self._streams_file()
+        for stale in path.parent.glob(f"{TEMP_PREFIX}*") if path.parent.is_dir() else ():
+            stale.unlink(missing_ok=True)  # a save a kill cut short
+        if self.model.streams is None or not path.is_file():
+            return
         try:
             restored = self.model.streams.restore(path.read_bytes())
         except (OSError, ValueError) as err:
@@ -649,6 +649,21 @@ class EdgeRuntime:
                                            self.instance_id), samples)
         self.health.windows += 1
         self.uploader.notify()
+
+
+class _WindowRows:
+    """A stream model's rows, built as ``_score`` takes them, one batch slice at a time and in order:
+    a large payload (a frame of 262,000 rows) never holds every row's window at once."""
+
+    def __init__(self, streams: StreamWindows, values: np.ndarray, names: list[str]) -> None:
+        self.streams, self.values, self.names = streams, values, names
+        self.seen = np.empty(len(values), np.int64)  # filled as the rows are built
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return self.streams.rows(self.values[part], self.names[part], self.seen[part])
 
 
 @dataclass

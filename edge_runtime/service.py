@@ -56,7 +56,8 @@ class Service:
         self.health = Health(queue_depth=lambda: self.queue.depth, dropped=lambda: self.queue.dropped)
         bundle = load_bundle(config.bundle)
         self._parse = None
-        if config.source.parse_workers and config.source.format == "jsonl":
+        # a stream bundle needs each record's stream name: it parses on the engine's thread
+        if config.source.parse_workers and config.source.format == "jsonl" and bundle.manifest.stream is None:
             from .parsing import ParseStage
 
             # started before the model loads, so the workers' start overlaps the session's

@@ -27,17 +27,23 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .contracts import StreamSpec
 
 DEFAULT_STREAM = ""
+MAX_NAME = 128  # characters; a longer stream id is known by its digest (it is kept, and saved, per stream)
 
 
 def stream_name(value: object) -> str:
-    """A record's key value as a stream name: strings as they are, other JSON values as JSON."""
+    """A record's key value as a stream name: strings as they are, other JSON values as JSON text
+    (so 1 and "1" name one stream), and a name longer than 128 characters by its sha256."""
     if value is None:
         return DEFAULT_STREAM
-    if isinstance(value, str):
-        return value
-    import json
+    if not isinstance(value, str):
+        import json
 
-    return json.dumps(value, sort_keys=True)
+        value = json.dumps(value, sort_keys=True)
+    if len(value) > MAX_NAME:
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return value
 
 
 class StreamWindows:
@@ -74,7 +80,10 @@ class StreamWindows:
             for i, s in enumerate(streams):
                 order.setdefault(s, []).append(i)
             groups = {s: np.asarray(ix) for s, ix in order.items()}
-        for stream, ix in groups.items():
+        # streams in the order they were last seen in this batch, so the one seen least recently is
+        # the one forgotten beyond max_streams (as one record at a time would, unless a stream is
+        # forgotten and seen again within one batch)
+        for stream, ix in sorted(groups.items(), key=lambda item: item[1][-1]):
             before = self._history.pop(stream, np.empty(0, np.float32))
             if seen is not None:
                 seen[ix] = np.minimum(len(before) + np.arange(len(ix)), self.width - 1)
@@ -112,15 +121,16 @@ class StreamWindows:
     def restore(self, data: bytes) -> int:
         """Take back what ``dump`` saved, if it is this spec's key and value (trimmed to this window);
         the number of streams restored. ValueError if the document is not one ``dump`` wrote."""
-        try:
+        try:  # a damaged file raises whatever numpy or zipfile meets first: all of it means "not restored"
             with np.load(io.BytesIO(data), allow_pickle=False) as doc:
                 key, value = str(doc["key"]), str(doc["value"])
-                names, lengths, values = doc["names"].tolist(), doc["lengths"], doc["values"]
-        except (OSError, KeyError, ValueError, EOFError) as err:
-            raise ValueError(f"not a saved stream state ({err})") from None
+                names, lengths, values = [str(n) for n in doc["names"].tolist()], doc["lengths"], doc["values"]
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"not a saved stream state ({type(err).__name__}: {err})") from None
         if (key, value) != (self.spec.key, self.spec.value):
             return 0
-        if len(names) != len(lengths) or lengths.sum() != len(values) or (lengths < 0).any():
+        if (lengths.dtype.kind not in "iu" or values.dtype != np.float32 or len(names) != len(lengths)
+                or (lengths < 0).any() or lengths.sum() != len(values) or not np.isfinite(values).all()):
             raise ValueError("saved stream state does not add up")
         keep = self.width - 1
         starts = np.concatenate([[0], np.cumsum(lengths)])

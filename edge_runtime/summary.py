@@ -33,7 +33,6 @@ class SketchItems(NamedTuple):
 
 _KLL_PREAMBLE = struct.Struct("<BBBBHBB")  # preamble ints, serial version, family, flags, k, m, unused
 _KLL_FULL = struct.Struct("<QHBB")  # n, min k, levels, unused
-_KLL_N = struct.Struct("<Q")
 _KLL_FAMILY = 15
 _KLL_EMPTY, _KLL_SINGLE = 1, 4
 
@@ -56,19 +55,27 @@ def kll_layout(data: bytes) -> SketchLayout:
     only its items and weights (for CDFs on a grid, as integer weight sums) and reads tens of
     thousands of sketches. DataSketches' compact layout: an 8-byte preamble; then, unless the sketch
     is empty or holds one item, n, min k and the number of levels, the level boundaries (the last
-    one implied), min, max, and the items level by level. ValueError if it is not such a sketch."""
+    one implied), min, max, and the items level by level. The layout is checked whole (the levels
+    hold exactly the items there are, and their weights add up to n), so a damaged sketch is refused
+    here, by the summary that holds it. ValueError if it is not such a sketch."""
     k, flags = _kll_head(data)
     if flags & _KLL_EMPTY:
         return SketchLayout(k, 0, len(data), [])
     if flags & _KLL_SINGLE:
+        if len(data) != _KLL_PREAMBLE.size + 4:
+            raise ValueError("KLL sketch of one item has another size")
         return SketchLayout(k, 1, _KLL_PREAMBLE.size, [1])
-    n, _, levels, _ = _KLL_FULL.unpack_from(data, _KLL_PREAMBLE.size)
-    pos = _KLL_PREAMBLE.size + _KLL_FULL.size
-    bounds = struct.unpack_from(f"<{levels}I", data, pos)
+    try:
+        n, _, levels, _ = _KLL_FULL.unpack_from(data, _KLL_PREAMBLE.size)
+        pos = _KLL_PREAMBLE.size + _KLL_FULL.size
+        bounds = struct.unpack_from(f"<{levels}I", data, pos)
+    except struct.error:
+        raise ValueError("KLL sketch cut short") from None
     pos += 4 * levels + 8  # past the levels, min and max
     retained, rest = divmod(len(data) - pos, 4)
     sizes = [b - a for a, b in zip(bounds, bounds[1:] + (bounds[0] + retained,))]
-    if rest or min(sizes) < 0 or levels > len(_POW2):
+    if (not levels or levels > len(_POW2) or rest or retained < 0 or min(sizes) < 0
+            or sum(size << level for level, size in enumerate(sizes)) != n):
         raise ValueError("KLL sketch levels do not match its items")
     return SketchLayout(k, int(n), pos, sizes)
 
@@ -82,23 +89,16 @@ def kll_items(data: bytes) -> SketchItems:
     return SketchItems(items, weights, layout.n, lo, hi, layout.k)
 
 
-def grid_masses(grid32: np.ndarray, sketches: list[bytes]) -> np.ndarray:
+def grid_masses(grid32: np.ndarray, sketches: list[bytes], layouts: list[SketchLayout] | None = None) -> np.ndarray:
     """For each point of the increasing float32 ``grid32``: the summed weight of the items <= it,
-    over all the serialised float sketches: n x CDF, an exact integer, in one pass for the lot."""
-    layouts = [kll_layout(data) for data in sketches]
+    over all the serialised float sketches (``layouts``: theirs, if already read): n x CDF, an exact
+    integer, in one pass for the lot."""
+    layouts = layouts or [kll_layout(data) for data in sketches]
     items = np.concatenate([np.frombuffer(d, "<f4", sum(lay.sizes), lay.offset) for d, lay in zip(sketches, layouts)])
     levels = [level for lay in layouts for level in range(len(lay.sizes))]
     weights = np.repeat(_POW2[levels], [size for lay in layouts for size in lay.sizes])
     below = np.searchsorted(grid32, items)  # the first grid point >= each item
     return np.cumsum(np.bincount(below, weights, minlength=len(grid32) + 1)[:len(grid32)])
-
-
-def kll_size(data: bytes) -> tuple[int, int]:
-    """A serialised ``kll_floats_sketch``'s k and n, read from its preamble."""
-    k, flags = _kll_head(data)
-    if flags & (_KLL_EMPTY | _KLL_SINGLE):
-        return k, 0 if flags & _KLL_EMPTY else 1
-    return k, _KLL_N.unpack_from(data, _KLL_PREAMBLE.size)[0]
 
 
 def kll_extremes(data: bytes) -> tuple[float, float]:
@@ -109,8 +109,11 @@ def kll_extremes(data: bytes) -> tuple[float, float]:
     if flags & _KLL_SINGLE:
         (item,) = struct.unpack_from("<f", data, _KLL_PREAMBLE.size)
         return item, item
-    levels = data[_KLL_PREAMBLE.size + 10]
-    return struct.unpack_from("<ff", data, _KLL_PREAMBLE.size + _KLL_FULL.size + 4 * levels)
+    try:
+        levels = data[_KLL_PREAMBLE.size + 10]
+        return struct.unpack_from("<ff", data, _KLL_PREAMBLE.size + _KLL_FULL.size + 4 * levels)
+    except (IndexError, struct.error):
+        raise ValueError("KLL sketch cut short") from None
 
 
 def _kll_head(data: bytes) -> tuple[int, int]:

@@ -313,3 +313,26 @@ def test_cohorts_get_rows_of_their_own(tmp_path):
     alone = [d.device_id for d in report.devices if d.verdict == "drift"]
     assert all(d.startswith("new-") for d in alone) and len(alone) <= 3
     assert next(c for c in report.cohorts if c.device_id == "(cohort batch-B)").records == 1200
+
+
+def test_a_summary_with_a_damaged_sketch_is_skipped_by_name_and_the_review_goes_on(tmp_path):
+    """A sketch whose bytes pass the container's checksum but do not add up (a buggy device) is
+    refused with its summary's key; the device's other windows and the rest of the fleet count."""
+    import struct
+
+    from edge_runtime.summary_format import encode
+
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(8)
+    fleet.add("d1", rng.normal(0, 1, 2000))
+    fleet.add("d2", rng.normal(0, 1, 2000))
+    bad = window("d1", {"f": rng.normal(0, 1, 2000)}, T0 + timedelta(hours=1))
+    kll = bytearray(bad.features["f"].kll)
+    struct.pack_into("<I", kll, 20, struct.unpack_from("<I", kll, 20)[0] + 1)  # a level boundary moved
+    bad.features["f"].kll = bytes(kll)
+    key = summary_key("m", "1.0.0", "d1", bad.window_start, instance="i0")
+    fleet.store.put(key, encode(bad))
+    report, warnings = fleet.review()
+    assert [(d.device_id, d.windows) for d in sorted(report.devices, key=lambda d: d.device_id)] == [("d1", 1),
+                                                                                                    ("d2", 1)]
+    assert len(warnings) == 1 and key in warnings[0] and "damaged sketch" in warnings[0]

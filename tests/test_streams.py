@@ -121,6 +121,44 @@ def test_batched_rows_equal_one_record_at_a_time():
     assert np.array_equal(single, batched)
 
 
+def test_beyond_the_limit_the_stream_seen_least_recently_goes_in_a_batch_as_one_at_a_time():
+    values, streams = np.array([1, 2, 3, 4], np.float32), ["a", "b", "a", "c"]
+    one = StreamWindows(StreamSpec(value="value", window=4, max_streams=2))
+    for i in range(4):
+        one.rows(values[i:i + 1], streams[i:i + 1])
+    batched = StreamWindows(StreamSpec(value="value", window=4, max_streams=2))
+    batched.rows(values, streams)
+    assert one.history("a").tolist() == batched.history("a").tolist() == [1, 3]
+    assert batched.history("b").size == 0 and batched.forgotten == one.forgotten == 1
+
+
+def test_stream_names_are_bounded():
+    from edge_runtime.streams import stream_name
+
+    assert stream_name(None) == "" and stream_name(7) == stream_name("7") == "7"
+    long = "x" * 100_000  # a stream id is kept and saved per stream: a long one is known by its digest
+    assert stream_name(long).startswith("sha256:") and len(stream_name(long)) == 71
+    assert stream_name(long) == stream_name("x" * 100_000) != stream_name("y" * 100_000)
+
+
+def test_an_error_sentinel_value_is_flagged_not_dead_lettered(tmp_path):
+    """A sensor's float32 error value over a small training SD overflows when standardised; clipped,
+    it scores as a huge excursion, and the records after it still score."""
+    train = 0.1 + np.random.default_rng(2).normal(0, 0.005, 400)
+    data = write_csv(tmp_path / "t.csv", {"value": train.tolist()})
+    train_stream(data, tmp_path / "trained", window=WINDOW, period=0)
+    compile_bundle(tmp_path / "trained", tmp_path / "bundle")
+    x = 0.1 + np.random.default_rng(3).normal(0, 0.005, 200)
+    x[120] = 3.4e38
+    records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": float(x[t])} for t in range(200)]
+    with EdgeRuntime(config(tmp_path / "run", tmp_path / "bundle", 8)) as rt:
+        stats = rt.process(json.dumps(r) for r in records)
+    assert stats.rejected == 0 and stats.scored == 200
+    flagged = sorted(int(e["id"]) for e in map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines())
+                     if e["kind"] == "outlier")
+    assert 120 in flagged
+
+
 def test_streams_beyond_the_limit_are_forgotten_oldest_first():
     sw = StreamWindows(StreamSpec(value="value", window=3, max_streams=2))
     sw.rows(np.array([1, 2], np.float32), ["a", "b"])
@@ -169,11 +207,13 @@ def test_device_scores_equal_python_record_by_record(stream_bundle, tmp_path, ba
     bundle, info = stream_bundle
     a, b = series(300, 7, shift_at=200), series(300, 8)
     records = []
-    for t in range(300):  # two streams interleaved; a third record form without a key: the default stream
+    c = series(300, 9)
+    for t in range(300):  # two streams interleaved, and records without a key: the default stream
         records.append({"ts": 1_700_000_000 + t, "id": f"a{t}", "stream_id": "a", "value": float(a[t])})
         records.append({"ts": 1_700_000_000 + t, "id": f"b{t}", "stream_id": "b", "value": float(b[t])})
+        records.append({"ts": 1_700_000_000 + t, "id": f"c{t}", "value": float(c[t])})
     got = device_scores(tmp_path, bundle, records, batch)
-    for name, x in (("a", a), ("b", b)):
+    for name, x in (("a", a), ("b", b), ("c", c)):
         ref = reference_scores(x, info["mean"], info["sd"], WINDOW)
         assert {t for t in range(300) if f"{name}{t}" not in got} == set(range(WARMUP))  # warm-up: never flagged
         dev = np.asarray([got[f"{name}{t}"] for t in range(WARMUP, 300)])
@@ -250,13 +290,21 @@ def test_a_damaged_stream_state_is_set_aside_and_the_streams_warm_up_again(strea
     cfg = config(tmp_path, bundle, 8, threshold=-1.0)
     state = tmp_path / "outbox" / STREAMS_FILE
     state.parent.mkdir(parents=True)
-    state.write_bytes(b"not an npz")
+    good = StreamWindows(StreamSpec(value="value", window=WINDOW))
+    good.rows(np.arange(500, dtype=np.float32), ["p"] * 500)
+    saved = good.dump()
+    flipped = bytearray(saved)
+    flipped[len(saved) // 2] ^= 0xFF
     records = [{"ts": 1_700_000_000 + t, "id": t, "stream_id": "p", "value": 50.0 + t % 7} for t in range(100)]
-    with caplog.at_level("WARNING"), EdgeRuntime(cfg) as rt:
-        stats = rt.process(json.dumps(r) for r in records)
-    assert stats.scored == 100 and "not restored" in caplog.text
-    assert set(_events(tmp_path / "events.jsonl")) == {str(t) for t in range(WARMUP, 100)}
-    assert StreamWindows(StreamSpec(value="value", window=WINDOW)).restore(state.read_bytes()) == 1  # saved anew
+    for damaged in (b"not an npz", saved[:len(saved) // 2], bytes(flipped)):  # truncated, a bit flipped
+        state.write_bytes(damaged)
+        (tmp_path / "events.jsonl").unlink(missing_ok=True)
+        caplog.clear()
+        with caplog.at_level("WARNING"), EdgeRuntime(cfg) as rt:
+            stats = rt.process(json.dumps(r) for r in records)
+        assert stats.scored == 100 and "not restored" in caplog.text
+        assert set(_events(tmp_path / "events.jsonl")) == {str(t) for t in range(WARMUP, 100)}
+        assert StreamWindows(StreamSpec(value="value", window=WINDOW)).restore(state.read_bytes()) == 1  # anew
 
 
 def test_a_swap_keeps_the_streams(stream_bundle, tmp_path):
