@@ -42,6 +42,7 @@ from pathlib import Path
 
 from edge_runtime.contracts import ContractError
 from model_compile.card import TrainingCard, load_card
+from model_compile.sagemaker_jobs import ArchiveError, split_s3_uri, unpack_archive
 
 from . import train_entry
 from .drift_sagemaker import SageMakerJobError
@@ -186,11 +187,6 @@ def _job_name() -> str:
     return f"edgeloop-train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _split(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 # --- following the job ----------------------------------------------------------------------------
 
 
@@ -272,19 +268,6 @@ def follow(sm, logs, job: str, poll_s: float = 15.0, on_status: StatusCallback |
 # --- the model and its lineage --------------------------------------------------------------------
 
 
-def _unpack(archive: Path, into: Path) -> None:
-    """model.tar.gz into ``into``: regular files and folders only, all inside it."""
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
-                raise TrainingJobError(f"{archive.name}: refusing {member.name!r} (outside the model or not a file)")
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(into, filter="data")
-        else:  # Python < 3.10.12: the members were checked above
-            tar.extractall(into)
-
-
 def _when(value) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
 
@@ -327,13 +310,13 @@ def fetch_model(s3, desc: dict, out_dir: Path, lineage: dict) -> TrainingCard:
     staging = Path(tempfile.mkdtemp(prefix=".sagemaker-", dir=out_dir.parent))
     try:
         archive = staging / "model.tar.gz"
-        s3.download_file(*_split(uri), str(archive))
-        model = staging / "model"
-        model.mkdir()
         try:
-            _unpack(archive, model)
-        except tarfile.TarError as err:
-            raise TrainingJobError(f"{uri}: not a readable model.tar.gz ({err})") from None
+            s3.download_file(*split_s3_uri(uri), str(archive))
+            model = staging / "model"
+            model.mkdir()
+            unpack_archive(archive, model, f"{uri}")
+        except ValueError as err:  # an odd URI, or an archive that is unreadable or escapes its folder
+            raise TrainingJobError(str(err) if isinstance(err, ArchiveError) else f"{uri}: {err}") from None
         try:
             card = load_card(model)
         except ContractError as err:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from edge_runtime.bundle import MANIFEST_FILE, load_bundle, sha256_file
 from edge_runtime.contracts import BundleManifest, NeoArtifact
@@ -166,51 +166,7 @@ def default_job_name(target: Target) -> str:
     return f"{head}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise NeoError(f"compiled model at {uri!r}: expected an s3:// URI")
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket or not key:
-        raise NeoError(f"compiled model at {uri!r}: expected s3://bucket/key")
-    return bucket, key
-
-
 # --- the bundle ----------------------------------------------------------------------------------
-
-
-def unpack_safely(archive: Path, dest: Path) -> list[str]:
-    """Regular files and folders only, each inside ``dest``; returns the files' paths relative to it.
-    An entry that is absolute, climbs out with ``..``, or is a link or device is refused."""
-    files = []
-    try:
-        tar = tarfile.open(archive, mode="r:*")
-    except tarfile.TarError as err:
-        raise NeoError(f"Neo's output is not a readable tar archive: {err}") from None
-    with tar:
-        for member in tar:
-            parts = PurePosixPath(member.name).parts
-            if member.name.startswith("/") or ".." in parts or "\\" in member.name:
-                raise NeoError(f"Neo's output archive has an entry outside its folder: {member.name!r}")
-            parts = tuple(p for p in parts if p != ".")
-            if member.isdir():
-                if parts:
-                    dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
-                continue
-            if not member.isfile():
-                raise NeoError(f"Neo's output archive has an entry that is not a regular file: {member.name!r}")
-            if not parts:
-                raise NeoError(f"Neo's output archive has an unnamed file entry: {member.name!r}")
-            target = dest.joinpath(*parts)
-            if not target.resolve().is_relative_to(dest.resolve()):  # a folder of ours never links out, but check
-                raise NeoError(f"Neo's output archive has an entry outside its folder: {member.name!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-            target.chmod(0o644 | (member.mode & 0o111))
-            files.append(PurePosixPath(*parts).as_posix())
-    if not files:
-        raise NeoError("Neo's output archive holds no files")
-    return sorted(set(files))
 
 
 def write_manifest(root: Path, manifest: BundleManifest | bytes) -> None:
@@ -243,7 +199,10 @@ def add_neo_output(bundle_dir: str | Path, target: str, archive: Path,
     manifest_bytes = (root / MANIFEST_FILE).read_bytes()
     moved = False
     try:
-        names = unpack_safely(archive, staging)
+        try:
+            names = jobs.unpack_archive(archive, staging, "Neo's output")
+        except jobs.ArchiveError as err:
+            raise NeoError(str(err)) from None
         files = {k: v for k, v in manifest.files.items() if not k.startswith(directory + "/")}
         files.update({f"{directory}/{n}": sha256_file(staging / n) for n in names})
         updated = manifest.model_copy(update={
@@ -312,7 +271,10 @@ def compile_with_neo(bundle_dir: str | Path, target: str, *, role_arn: str, buck
     desc = jobs.follow(sm, jobs.COMPILATION, job, poll_s=poll_s, timeout_s=timeout_s, on_status=on_status,
                        changes_only=True, error=NeoError)
     uri = desc["ModelArtifacts"]["S3ModelArtifacts"]
-    out_bucket, key = _split_s3(uri)
+    try:
+        out_bucket, key = jobs.split_s3_uri(uri)
+    except ValueError as err:
+        raise NeoError(f"compiled model at {uri!r}: {err}") from None
     with tempfile.TemporaryDirectory(prefix="edgeloop-neo-") as tmp:
         archive = Path(tmp) / "output.tar.gz"
         with open(archive, "wb") as fh:

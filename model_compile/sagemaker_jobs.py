@@ -1,4 +1,5 @@
-"""Following a SageMaker job to its end: one loop for processing and compilation jobs.
+"""Following a SageMaker job to its end (one loop for processing and compilation jobs), and reading
+what a job leaves in S3 (its URI, its output archive, unpacked safely).
 
 A job is polled until it ends. A failure or stop raises with SageMaker's ``FailureReason`` (and the
 container's exit message where there is one). A timeout, or Ctrl-C, stops the job first, so no
@@ -8,10 +9,13 @@ cloud side (the fleet review's processing job) and Neo compilation here follow j
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 _now = time.monotonic  # module-level, so a test can run the clock without touching the real one
 _sleep = time.sleep
@@ -74,3 +78,57 @@ def stop(sm, kind: JobKind, job: str) -> None:
         getattr(sm, kind.stop)(**{kind.name_param: job})
     except ClientError as err:
         print(f"warning: could not stop {job}: {err}", file=sys.stderr)
+
+
+# --- a job's output ---------------------------------------------------------------------------------
+
+
+class ArchiveError(ValueError):
+    """A job's output archive that is unreadable, empty, or has an entry that must not be unpacked."""
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` as (bucket, key); ValueError for anything else."""
+    if not uri.startswith("s3://"):
+        raise ValueError("expected an s3:// URI")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise ValueError("expected s3://bucket/key")
+    return bucket, key
+
+
+def unpack_archive(archive: Path, dest: Path, what: str) -> list[str]:
+    """Unpack a job's tar archive (a model.tar.gz, Neo's output) into ``dest``: regular files and
+    folders only, each inside ``dest``; returns the files' paths relative to it. An entry that is
+    absolute, climbs out with ``..``, or is a link or device is refused, as is an archive with no
+    file: a job's output is untrusted input. ``what`` names the archive in errors."""
+    files = []
+    try:
+        tar = tarfile.open(archive, mode="r:*")
+    except tarfile.TarError as err:
+        raise ArchiveError(f"{what} is not a readable tar archive: {err}") from None
+    with tar:
+        for member in tar:
+            parts = PurePosixPath(member.name).parts
+            if member.name.startswith("/") or ".." in parts or "\\" in member.name:
+                raise ArchiveError(f"{what} has an entry outside its folder: {member.name!r}")
+            parts = tuple(p for p in parts if p != ".")
+            if member.isdir():
+                if parts:
+                    dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+                continue
+            if not member.isfile():
+                raise ArchiveError(f"{what} has an entry that is not a regular file: {member.name!r}")
+            if not parts:
+                raise ArchiveError(f"{what} has an unnamed file entry: {member.name!r}")
+            target = dest.joinpath(*parts)
+            if not target.resolve().is_relative_to(dest.resolve()):  # a folder of ours never links out, but check
+                raise ArchiveError(f"{what} has an entry outside its folder: {member.name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            target.chmod(0o644 | (member.mode & 0o111))
+            files.append(PurePosixPath(*parts).as_posix())
+    if not files:
+        raise ArchiveError(f"{what} holds no files")
+    return sorted(set(files))

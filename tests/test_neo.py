@@ -339,8 +339,8 @@ def test_unsafe_or_empty_archives_are_refused(tmp_path, make, match):
     (tmp_path / "a.tar.gz").write_bytes(make())
     dest = tmp_path / "out" / "dest"
     dest.mkdir(parents=True)
-    with pytest.raises(neo.NeoError, match=match):
-        neo.unpack_safely(tmp_path / "a.tar.gz", dest)
+    with pytest.raises(sagemaker_jobs.ArchiveError, match=match):
+        sagemaker_jobs.unpack_archive(tmp_path / "a.tar.gz", dest, "Neo's output")
     assert not (tmp_path / "up.so").exists() and not (tmp_path / "out" / "up.so").exists()
 
 

@@ -33,6 +33,7 @@ from cloud.train import TrainResult, train
 from edge_runtime.bundle import load_bundle, sha256_file
 from model_compile.card import load_card
 from model_compile.compile import compile_bundle
+from model_compile.sagemaker_jobs import split_s3_uri
 
 ROLE = "arn:aws:iam::123456789012:role/edgeloop-training"
 REGION = "us-east-1"
@@ -311,12 +312,12 @@ def play_training_job(request: dict, desc: dict, s3, logs, root: Path) -> subpro
     env, ml = opt_ml(root, hps, request["TrainingJobName"])
     (channel,) = request["InputDataConfig"]
     assert channel["ChannelName"] == "train"
-    bucket, prefix = smt._split(channel["DataSource"]["S3DataSource"]["S3Uri"])
+    bucket, prefix = split_s3_uri(channel["DataSource"]["S3DataSource"]["S3Uri"])
     for obj in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]:
         target = Path(env["SM_CHANNEL_TRAIN"]) / obj["Key"][len(prefix):]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-    bucket, key = smt._split(hps["sagemaker_submit_directory"])
+    bucket, key = split_s3_uri(hps["sagemaker_submit_directory"])
     with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), mode="r:gz") as tar:
         tar.extractall(ml / "code", filter="data")
     base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -327,7 +328,7 @@ def play_training_job(request: dict, desc: dict, s3, logs, root: Path) -> subpro
     done = subprocess.run([sys.executable, hps["sagemaker_program"], *args], cwd=ml / "code",
                           env={**base, **env}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    bucket, key = smt._split(desc["ModelArtifacts"]["S3ModelArtifacts"])
+    bucket, key = split_s3_uri(desc["ModelArtifacts"]["S3ModelArtifacts"])
     s3.put_object(Bucket=bucket, Key=key, Body=model_tarball(ml / "model"))
     stream = f"{request['TrainingJobName']}/algo-1-{int(time.time())}"
     try:
@@ -601,7 +602,7 @@ def _escaping(tmp: Path) -> bytes:
 @pytest.mark.parametrize("make, message", [
     (lambda m, t: _retarred(m, t, lambda d: (d / "training.json").unlink()), "is not a training output"),
     (lambda m, t: _retarred(m, t, _forge_sha), f"was trained on data with sha256 {'0' * 64}, not the "),
-    (lambda m, t: _escaping(t), "refusing '../escaped.txt'"),
+    (lambda m, t: _escaping(t), "has an entry outside its folder: '../escaped.txt'"),
 ])
 def test_a_model_artefact_that_is_not_this_training_is_refused(tmp_path, data_csv, job_model, s3_bucket,
                                                                 moto_endpoint, clock, make, message):
