@@ -20,17 +20,6 @@ from .contracts import NumericSummary
 KLL_K = 200  # DataSketches' default: about 1.33% normalised rank error for single quantiles
 
 
-class SketchItems(NamedTuple):
-    """A float KLL sketch's retained items and their integer weights, read straight from its bytes."""
-
-    items: np.ndarray  # float32, level by level (not sorted)
-    weights: np.ndarray  # float64: 2 ** level, exact
-    n: int
-    min: float
-    max: float
-    k: int
-
-
 _KLL_PREAMBLE = struct.Struct("<BBBBHBB")  # preamble ints, serial version, family, flags, k, m, unused
 _KLL_FULL = struct.Struct("<QHBB")  # n, min k, levels, unused
 _KLL_FAMILY = 15
@@ -78,15 +67,6 @@ def kll_layout(data: bytes) -> SketchLayout:
             or sum(size << level for level, size in enumerate(sizes)) != n):
         raise ValueError("KLL sketch levels do not match its items")
     return SketchLayout(k, int(n), pos, sizes)
-
-
-def kll_items(data: bytes) -> SketchItems:
-    """A serialised ``kll_floats_sketch``'s retained items, their weights and extremes."""
-    layout = kll_layout(data)
-    items = np.frombuffer(data, "<f4", sum(layout.sizes), layout.offset)
-    weights = np.repeat(_POW2[:len(layout.sizes)], layout.sizes)
-    lo, hi = kll_extremes(data) if layout.n else (math.nan, math.nan)
-    return SketchItems(items, weights, layout.n, lo, hi, layout.k)
 
 
 def grid_masses(grid32: np.ndarray, sketches: list[bytes], layouts: list[SketchLayout] | None = None) -> np.ndarray:

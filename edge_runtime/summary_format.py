@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from .contracts import ContractError, NumericSummary, WindowSummary
+from .summary import kll_extremes
 
 MAGIC = b"ELWS"
 FORMAT = 3
@@ -95,12 +96,6 @@ def _series(s: NumericSummary) -> bytes:
     return b"".join((_U8.pack(flags), (_WIDE if wide else _NARROW).pack(*tallies), moments, _U16.pack(len(edges)),
                      (narrow if f32_edges else edges).tobytes(),
                      counts.astype("<u8" if wide else "<u4").tobytes(), _U32.pack(len(kll)), kll))
-
-
-def _sketch_extremes(kll: bytes) -> tuple[float, float]:
-    from .summary import kll_extremes
-
-    return kll_extremes(kll)
 
 
 def _f(v: float | None) -> float:
@@ -196,7 +191,7 @@ def _read_series(body: bytes, pos: int) -> tuple[NumericSummary, int]:
     if flags & EXTREMES_IN_SKETCH:
         if not (flags & F32_SKETCH) or not kll:
             raise ValueError("extremes said to be in a sketch that is not there")
-        lo, hi = _sketch_extremes(kll)
+        lo, hi = kll_extremes(kll)
     has = count > 0
     # every field comes typed from the fixed layout above: no validation to pay for, 65 times a summary
     summary = _built(
