@@ -387,6 +387,7 @@ def test_nab_weighs_detections_as_the_benchmark_describes():
     mid[450] = 1.0
     mid[460] = 1.0  # a second detection in the window counts for nothing
     expect = nab.scaled_sigmoid(-(499 - 450 + 1) / 100) / nab.MAX_TP
+    assert expect == pytest.approx(0.8598, abs=1e-4)  # halfway into the window: 2/(1+e^-2.5)-1 over 2/(1+e^-5)-1
     assert nab.score_at([s], {"one.csv": mid}, 0.5) == pytest.approx(100 * (expect + 1) / 2)
     early_fp = mid.copy()
     early_fp[200] = 1.0  # before any window: a full false positive (standard weight 0.11)
