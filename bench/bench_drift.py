@@ -37,10 +37,12 @@ POOL = 40  # distinct windows, reused under every device's keys (generating 10,0
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
-def make_store(root: Path, devices: int, windows: int, features: int) -> None:
+def make_store(root: Path, devices: int, windows: int, features: int, version: int = 4) -> None:
+    """Version 4: windows counted on the baseline's review grids, as devices now write them;
+    version 3: as devices wrote them before (sketches only)."""
     import numpy as np
 
-    from cloud.train import quantile_edges
+    from cloud.train import make_baseline, quantile_edges
     from edge_runtime.contracts import WindowSummary, baseline_key, summary_key
     from edge_runtime.store import LocalStore
     from edge_runtime.summary import summarise
@@ -50,16 +52,22 @@ def make_store(root: Path, devices: int, windows: int, features: int) -> None:
     store = LocalStore(root)
     names = [f"f{i:02d}" for i in range(features)]
     base = rng.normal(0, 1, (50_000, features)).astype(np.float32)
+    baseline = make_baseline("m", "1.0.0", names, base, np.abs(base[:, 0]), 0)
     edges = [quantile_edges(base[:, j]) for j in range(features)]
     score_edges = quantile_edges(np.abs(base[:, 0]))
+    from edge_runtime.summary import review_grid
+
+    grids = [review_grid(baseline.features[n]) if version >= 4 else None for n in names]
+    score_grid = review_grid(baseline.score) if version >= 4 else None
 
     def window(device: str, X, start: datetime) -> WindowSummary:
         return WindowSummary(model_name="m", model_version="1.0.0", device_id=device, window_start=start,
                              window_end=start + timedelta(hours=1), records=len(X),
-                             features={n: summarise(X[:, j], edges[j]) for j, n in enumerate(names)},
-                             score=summarise(np.abs(X[:, 0]), score_edges))
+                             features={n: summarise(X[:, j], edges[j], grids[j]) for j, n in enumerate(names)},
+                             score=summarise(np.abs(X[:, 0]), score_edges, score_grid),
+                             grid=baseline.grid if version >= 4 else None)
 
-    store.put(baseline_key("m", "1.0.0"), window("training", base, T0).model_dump_json().encode())
+    store.put(baseline_key("m", "1.0.0"), baseline.model_dump_json().encode())
     pool = [window("x", rng.normal(0.3 if i % 10 == 0 else 0, 1, (1000, features)).astype(np.float32), T0)
             for i in range(POOL)]
     for d in range(devices):
@@ -67,7 +75,7 @@ def make_store(root: Path, devices: int, windows: int, features: int) -> None:
             s = pool[(d * windows + w) % POOL].model_copy(
                 update={"device_id": f"dev-{d:05d}", "window_start": T0 + timedelta(hours=w),
                         "window_end": T0 + timedelta(hours=w + 1), "instance_id": "i0"})
-            store.put(summary_key("m", "1.0.0", s.device_id, s.window_start, instance="i0"), encode(s))
+            store.put(summary_key("m", "1.0.0", s.device_id, s.window_start, instance="i0"), encode(s, version))
 
 
 def child(mode: str, root: str, workers: int, dask_workers: int = 0) -> None:

@@ -38,18 +38,21 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from edge_runtime import summary_format
 from edge_runtime.bundle import MANIFEST_FILE
 from edge_runtime.contracts import (
     SUMMARY_PREFIX,
     SUMMARY_SUFFIX,
     ContractError,
+    SummaryHeader,
     WindowSummary,
     baseline_key,
     load_summary,
     model_key,
+    parse_document,
 )
 from edge_runtime.store import ObjectNotFound, ObjectStore
-from edge_runtime.summary import kll_layout
+from edge_runtime.summary import grid_id, kll_layout, review_grid
 
 from . import drift_stats as st
 
@@ -148,6 +151,10 @@ class ModelDrift:
     # feature's baseline and fleet CDF at up to 64 points
     timeline: list[dict] = field(default_factory=list)
     distributions: dict[str, dict] = field(default_factory=dict)
+    # windows whose distributions came from exact counts on the review grid (summary version 4
+    # counted on this baseline's grids), and from sketches (older summaries, or another grid)
+    windows_on_grid: int = 0
+    windows_sketched: int = 0
 
     @property
     def drifted_devices(self) -> list[str]:
@@ -168,6 +175,10 @@ class _Device:
     first: datetime | None = None
     last: datetime | None = None
     health: dict = field(default_factory=dict)
+    on_grid: int = 0  # windows read as exact counts on the review grid (a day's, kept in its roll-up)
+    sketched: int = 0  # windows whose sketches were read
+    # windows counted on the review grid, per bucket, not yet added to its profiles (``_flush``)
+    lean: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
 # --- reading the store -----------------------------------------------------------------------
@@ -282,6 +293,61 @@ class Plan:
     thresholds: Thresholds
     baseline_id: str = ""  # names the baseline, for roll-ups (``rollups``)
     cohorts: dict[str, str] = field(default_factory=dict)  # device -> cohort (a tag: site, batch, ...)
+    grid_id: str = ""  # names the baseline's review grids: summaries counted on them are read as columns
+
+    def __post_init__(self) -> None:
+        self._layouts: dict[tuple[str, ...], _Layout | None] = {}
+        self._reference: st.Reference | None = None
+
+    def __getstate__(self) -> dict:  # caches: they do not travel (Dask)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_layouts", "_reference")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    @property
+    def reference(self) -> st.Reference:
+        """The baseline's profiles as arrays, for comparing a device's series all at once."""
+        if self._reference is None:
+            self._reference = st.Reference(list(self.base.values()))
+        return self._reference
+
+    def layout(self, names: list[str]) -> _Layout | None:
+        """How a summary's series (``names``, the score last as "score") map onto the plan's
+        profiles; None if they are not the baseline's features."""
+        key = tuple(names)
+        if key not in self._layouts:
+            self._layouts[key] = _Layout.of(names, {n: p.grid for n, p in self.base.items()})
+        return self._layouts[key]
+
+
+@dataclass
+class _Layout:
+    """A summary's series order against the plan's: the summary's grid lengths, and the indices
+    that put its columns in the plan's order (None where the orders agree, as they do when the
+    device's features are the baseline's, in order)."""
+
+    lengths: np.ndarray  # each series' grid length, in the summary's order
+    offsets: np.ndarray  # where each of the plan's series starts in reordered grid counts (and the end)
+    series: np.ndarray | None  # the summary's series, in the plan's order
+    counts: np.ndarray | None  # the summary's grid counts, in the plan's order
+
+    @classmethod
+    def of(cls, names: list[str], grids: dict[str, np.ndarray]) -> _Layout | None:
+        own = [SCORE_ROW if i == len(names) - 1 else n for i, n in enumerate(names)]
+        if len(set(own)) != len(own) or set(own) != set(grids):
+            return None
+        lengths = np.array([len(grids[n]) for n in own], dtype=np.int64)
+        plan_lengths = np.array([len(g) for g in grids.values()], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(plan_lengths)])
+        if own == list(grids):
+            return cls(lengths, offsets, None, None)
+        where = {n: i for i, n in enumerate(own)}
+        series = np.array([where[n] for n in grids])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        counts = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in series])
+        return cls(lengths, offsets, series, counts)
 
 
 @dataclass
@@ -293,6 +359,8 @@ class Partial:
     hours: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cohorts: dict[str, _Device] = field(default_factory=dict)
+    on_grid: int = 0  # windows read as columns on the review grid (``ModelDrift.windows_on_grid``)
+    sketched: int = 0  # windows whose sketches were read
 
 
 def _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s) -> Plan:
@@ -306,14 +374,17 @@ def _plan(store, model, version, baseline, devices, t, since, until, last, cycle
         since = until - last
     if since is None:
         since = min(s for keys in devices.values() for s, _ in keys)
+    series = {**baseline.features, SCORE_ROW: baseline.score}
+    grids = {name: review_grid(s) for name, s in series.items()}
+    gid = grid_id({n: g for n, g in grids.items() if n != SCORE_ROW}, grids[SCORE_ROW])
     base = {}
-    for name, s in {**baseline.features, SCORE_ROW: baseline.score}.items():
-        base[name] = st.Profile(st.grid_for(s))
-        base[name].add_summary(s)
+    for name, s in series.items():
+        base[name] = st.Profile(grids[name])
+        base[name].add_summary(s, on_grid=baseline.grid == gid)  # a baseline from training counts on them
     from .rollups import baseline_id
 
     return Plan(model, version, since, until, timedelta(seconds=cycle_s) if cycle_s else None, base, t,
-                baseline_id(baseline))
+                baseline_id(baseline), grid_id=gid)
 
 
 def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], workers: int = 8,
@@ -349,16 +420,21 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
                 cut = False
                 for key, data in _read(store, day_keys, workers):
                     tick(1)
-                    cut |= _take(day_state, key, data, plan.model, plan.version, plan.since, plan.until, plan.cycle,
-                                 grids, seen, day_warnings, day_hours) == "out of range"
+                    taken = _take(day_state, key, data, plan, grids, seen, day_warnings, day_hours)
+                    cut |= taken == "out of range"
+                    day_state.on_grid += taken == "on grid"
+                    day_state.sketched += taken == "sketched"
+                _flush(day_state, plan)
                 if whole and compact and not cut:
                     rollups.save(store, rkey, day_keys, day_state, day_hours, day_warnings)
+            part.on_grid += day_state.on_grid
+            part.sketched += day_state.sketched
             _merge_state(state, day_state)
             _merge_hours(part.hours, day_hours)
             part.warnings += day_warnings
         if not state.windows:
             continue
-        part.devices.append(_device_result(state, plan.base, plan.cycle, plan.until, plan.since, plan.thresholds))
+        part.devices.append(_device_result(state, plan, plan.cycle))
         cohort = plan.cohorts.get(device)
         targets = [part.fleet] + ([part.cohorts.setdefault(cohort, _Device(f"(cohort {cohort})"))] if cohort else [])
         for target in targets:
@@ -390,8 +466,12 @@ def _rebucket(day: _Device, plan: Plan, date: str) -> None:
 
 
 def _merge_state(target: _Device, day: _Device) -> None:
+    """Add a day's state (which is used up: its profiles may become the target's) to the device's."""
     for b, profiles in day.buckets.items():
-        into = target.buckets.setdefault(b, {n: st.Profile(p.grid) for n, p in profiles.items()})
+        into = target.buckets.get(b)
+        if into is None:
+            target.buckets[b] = profiles
+            continue
         for name, profile in profiles.items():
             into[name].add(profile)
     for b, cov in day.covered.items():
@@ -433,16 +513,18 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
     for part in parts:
         report.devices += part.devices
         warnings += part.warnings
+        report.windows_on_grid += part.on_grid
+        report.windows_sketched += part.sketched
         for target, source in [(fleet, part.fleet)] + [
                 (cohorts.setdefault(name, _Device(c.device_id)), c) for name, c in sorted(part.cohorts.items())]:
             if source.buckets:
                 _add_bucket(target, source.buckets[0])
             _add_counts(target, source)
         _merge_hours(hours, part.hours)
-    report.cohorts = [_device_result(c, plan.base, None, plan.until, plan.since, plan.thresholds)
+    report.cohorts = [_device_result(c, plan, None)
                       for _, c in sorted(cohorts.items())]
     if fleet.windows:
-        report.fleet = _device_result(fleet, plan.base, None, plan.until, plan.since, plan.thresholds)
+        report.fleet = _device_result(fleet, plan, None)
         current = fleet.buckets.get(0, {})
         for name, b in plan.base.items():
             c = current.get(name)
@@ -540,6 +622,12 @@ def admit(key: str, data: bytes | Exception, model: str, version: str, seen: dic
     except ContractError as err:
         warnings.append(f"unreadable summary skipped: {err}")
         return None
+    return admit_summary(key, s, model, version, seen, warnings, since, until)
+
+
+def admit_summary(key: str, s: SummaryHeader, model: str, version: str, seen: dict, warnings: list[str],
+                  since: datetime | None = None, until: datetime | None = None) -> SummaryHeader | str | None:
+    """``admit`` for a summary read (or its header): the checks of its key, range and replays."""
     claimed = f"/model={s.model_name}/version={s.model_version}/device={s.device_id}/"
     if claimed not in "/" + key or (s.model_name, s.model_version) != (model, version):
         # the key is what the device's IAM policy scopes (device=<thing name>); a summary that
@@ -573,26 +661,101 @@ def load_fleet(store: ObjectStore) -> tuple[dict[tuple[str, str], dict[str, list
     return fleet, warnings
 
 
-def _take(state: _Device, key, data, model, version, since, until, cycle, grids, seen, warnings,
-          hours) -> str | None:
-    s = admit(key, data, model, version, seen, warnings, since, until)
+def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hours) -> str | None:
+    """Count one summary into the device's state: "on grid" (its columns, exact counts on the
+    plan's grids), "sketched" (its series and sketches), "out of range", or None (skipped, with a
+    warning)."""
+    cols = None
+    if plan.grid_id and isinstance(data, bytes) and summary_format.is_binary(data):
+        try:
+            cols = summary_format.columns(data, key)
+        except ContractError as err:
+            warnings.append(f"unreadable summary skipped: {err}")
+            return None
+        if cols is not None and cols.header.get("grid") != plan.grid_id:
+            cols = None  # counted on other grids (another baseline's): its sketches are read
+    if cols is not None:
+        return _take_columns(state, key, cols, plan, grids, seen, warnings, hours)
+    s = admit(key, data, plan.model, plan.version, seen, warnings, plan.since, plan.until)
     if not isinstance(s, WindowSummary):
         return s
     if set(s.features) != set(grids) - {SCORE_ROW}:
         warnings.append(f"summary skipped: {key}: features {sorted(s.features)} are not the baseline's")
-        return
+        return None
+    on_grid = bool(plan.grid_id) and s.grid == plan.grid_id
     try:  # every float sketch's layout, checked before anything of the summary is counted
         layouts = {name: kll_layout(x.kll) for name, x in [*s.features.items(), (SCORE_ROW, s.score)]
-                   if x.count and x.kll and x.kll_type == "f32"}
+                   if x.count and x.kll and x.kll_type == "f32" and not (on_grid and x.grid_counts is not None)}
     except ValueError as err:
         warnings.append(f"summary skipped: {key}: a damaged sketch ({err})")
-        return
-    bucket = int((until - s.window_end) // cycle) if cycle else 0
-    profiles = state.buckets.setdefault(bucket, {name: st.Profile(grid) for name, grid in grids.items()})
+        return None
+    profiles = _bucket(state, s, plan, grids)
+    try:
+        for name, summary in [*s.features.items(), (SCORE_ROW, s.score)]:
+            profiles[name].add_summary(summary, layouts.get(name), on_grid)
+    except ValueError as err:  # grid counts that do not fit: checked before any is added
+        warnings.append(f"summary skipped: {key}: {err}")
+        return None
+    _count_window(state, s, hours, ((n, x.count, x.mean) for n, x in s.features.items()))
+    return "sketched" if not on_grid else "on grid"
+
+
+def _take_columns(state: _Device, key: str, cols: summary_format.Columns, plan: Plan, grids, seen, warnings,
+                  hours) -> str | None:
+    try:
+        header = parse_document(SummaryHeader, cols.header, key)
+    except ContractError as err:
+        warnings.append(f"unreadable summary skipped: {err}")
+        return None
+    s = admit_summary(key, header, plan.model, plan.version, seen, warnings, plan.since, plan.until)
+    if not isinstance(s, SummaryHeader):
+        return s
+    layout = plan.layout(cols.names)
+    if layout is None:
+        warnings.append(f"summary skipped: {key}: features {sorted(cols.names[:-1])} are not the baseline's")
+        return None
+    if not np.array_equal(cols.grid_lengths, layout.lengths):
+        warnings.append(f"summary skipped: {key}: grid counts that do not fit the baseline's grids")
+        return None
+    tallies, moments, counts = cols.tallies, cols.moments, cols.grid_counts
+    if layout.series is not None:
+        tallies, moments, counts = tallies[layout.series], moments[layout.series], counts[layout.counts]
+    _bucket(state, s, plan, grids)
+    state.lean.setdefault(_bucket_of(s, plan), []).append((tallies, moments, counts))
+    n_features = len(cols.names) - 1
+    _count_window(state, s, hours, zip(cols.names[:n_features], cols.tallies[:n_features, 0].tolist(),
+                                       cols.moments[:n_features, 2].tolist()))
+    return "on grid"
+
+
+def _bucket_of(s: SummaryHeader, plan: Plan) -> int:
+    return int((plan.until - s.window_end) // plan.cycle) if plan.cycle else 0
+
+
+def _bucket(state: _Device, s: SummaryHeader, plan: Plan, grids) -> dict[str, st.Profile]:
+    """The profiles of the cycle bucket the window falls in, its coverage noted."""
+    bucket = _bucket_of(s, plan)
+    profiles = state.buckets.get(bucket)
+    if profiles is None:
+        profiles = state.buckets[bucket] = {name: st.Profile(grid) for name, grid in grids.items()}
     state.covered.setdefault(bucket, {})[s.window_start] = (s.window_end - s.window_start).total_seconds()
-    for name, summary in s.features.items():
-        profiles[name].add_summary(summary, layouts.get(name))
-    profiles[SCORE_ROW].add_summary(s.score, layouts.get(SCORE_ROW))
+    return profiles
+
+
+def _flush(state: _Device, plan: Plan) -> None:
+    """Add the windows read as columns to their buckets' profiles, a bucket at a time."""
+    names = list(plan.base)
+    offsets = np.concatenate([[0], np.cumsum([len(p.grid) for p in plan.base.values()])])
+    for bucket, windows in state.lean.items():
+        tallies, moments, counts = (np.stack(x) for x in zip(*windows))
+        profiles = state.buckets[bucket]
+        st.add_columns([profiles[n] for n in names], offsets, tallies, moments, counts)
+    state.lean = {}
+
+
+def _count_window(state: _Device, s: SummaryHeader, hours: dict, means) -> None:
+    """A counted window's records, its hour of the fleet series (``means``: per feature, its count
+    and mean), and the device's newest health."""
     state.windows += 1
     state.records += s.records
     state.rejected += s.rejected
@@ -601,17 +764,18 @@ def _take(state: _Device, key, data, model, version, since, until, cycle, grids,
     hour["records"] += s.records
     hour["rejected"] += s.rejected
     hour["outliers"] += s.outliers
-    for name, summary in s.features.items():
-        if summary.count and summary.mean is not None:
-            hour["sums"][name] += summary.mean * summary.count
-            hour["counts"][name] += summary.count
+    sums, counts = hour["sums"], hour["counts"]
+    for name, count, mean in means:
+        if count and mean is not None:
+            sums[name] += mean * count
+            counts[name] += count
     state.first = min(state.first or s.window_start, s.window_start)
     if state.last is None or s.window_end >= state.last:
         state.last = s.window_end
         state.health = _health(s)
 
 
-def _health(s: WindowSummary) -> dict:
+def _health(s: SummaryHeader) -> dict:
     doc = s.health.model_dump(exclude_defaults=True) if s.health else {}
     if s.spool_dropped:
         doc["spool_dropped"] = s.spool_dropped.model_dump(exclude_defaults=True)
@@ -636,43 +800,58 @@ def _complete_buckets(state: _Device, cycle, until, since) -> list[dict[str, st.
 
 def _add_bucket(state: _Device, bucket: dict[str, st.Profile]) -> None:
     """Into the fleet's one bucket: the complete cycles of every device."""
-    target = state.buckets.setdefault(0, {n: st.Profile(p.grid) for n, p in bucket.items()})
+    target = state.buckets.get(0)
+    if target is None:
+        target = state.buckets[0] = {n: st.Profile(p.grid) for n, p in bucket.items()}
     for name, profile in bucket.items():
         target[name].add(profile)
 
 
-def _device_result(state: _Device, base: dict[str, st.Profile], cycle, until, since, t) -> DeviceDrift:
-    grids = {name: p.grid for name, p in base.items()}
-    buckets = _complete_buckets(state, cycle, until, since)
-    merged = {name: st.Profile(grid) for name, grid in grids.items()}
+def _summed(buckets: list[dict[str, st.Profile]], names: list[str], grids) -> list[st.Profile]:
+    """The buckets' profiles added up, in ``names`` order (one bucket: its own profiles, not a copy)."""
+    if len(buckets) == 1:
+        return [buckets[0][n] for n in names]
+    out = [st.Profile(grids[n]) for n in names]
     for bucket in buckets:
-        for name, profile in bucket.items():
-            merged[name].add(profile)
-    partial = {name: st.Profile(grid) for name, grid in grids.items()}  # for the rates: every window
-    for bucket in state.buckets.values():
-        for name, profile in bucket.items():
-            partial[name].add(profile)
+        for target, name in zip(out, names):
+            target.add(bucket[name])
+    return out
+
+
+def _device_result(state: _Device, plan: Plan, cycle) -> DeviceDrift:
+    base, t = plan.base, plan.thresholds
+    names = list(base)
+    grids = {name: p.grid for name, p in base.items()}
+    buckets = _complete_buckets(state, cycle, plan.until, plan.since)
+    merged = _summed(buckets, names, grids)
+    # for the rates: every window, complete cycles or not
+    seen_all = merged if len(buckets) == len(state.buckets) else _summed(list(state.buckets.values()), names, grids)
     scored = state.records
     d = DeviceDrift(state.device_id, state.windows, scored, state.rejected, state.outliers,
                     state.outliers / scored if scored else 0.0, state.first, state.last, health=state.health)
     short = cycle is not None and not buckets
-    for name in grids:
-        b, c = base[name], merged[name]
-        seen = partial[name]
-        f = FeatureDrift(name, c.count if not short else seen.count, (c if not short else seen).mean, b.mean)
+    ref = plan.reference
+    compared = st.Comparison.of(ref, merged) if buckets else None
+    ranges = (compared if seen_all is merged and compared else st.Comparison.of(ref, seen_all)).out_of_range.tolist()
+    if compared is not None:
+        ks, adjusted = compared.ks.tolist(), compared.ks_adjusted.tolist()
+        psi, js, wasserstein = compared.psi.tolist(), compared.js.tolist(), compared.wasserstein.tolist()
+    for i, name in enumerate(names):
+        b, c, seen = base[name], (merged[i] if buckets else None), seen_all[i]
+        shown = seen if short or c is None else c
+        f = FeatureDrift(name, shown.count, shown.mean, b.mean)
         total = seen.count + seen.missing + seen.nonfinite
         f.missing_rate = seen.missing / total if total else 0.0
         f.nonfinite_rate = seen.nonfinite / total if total else 0.0
-        f.out_of_range_rate = st.out_of_range(b, seen)
+        f.out_of_range_rate = ranges[i]
         f.missing, f.nonfinite, f.std = seen.missing, seen.nonfinite, seen.std
         f.min, f.max = (seen.min, seen.max) if seen.count else (None, None)
         if short:
             f.verdict = "short"
-        elif c.count >= t.min_count and b.count:
-            f.ks = st.ks(b, c)
-            f.ks_adjusted = st.ks_adjusted(b, c)
+        elif c is not None and c.count >= t.min_count and b.count:
+            f.ks, f.ks_adjusted = ks[i], adjusted[i]
             f.robust_linf = st.robust_linf(f.ks, c.count, b.count, t.ks_alpha)
-            f.psi, f.js, f.wasserstein = st.psi(b, c), st.js(b, c), st.wasserstein(b, c)
+            f.psi, f.js, f.wasserstein = psi[i], js[i], wasserstein[i]
             f.pvalue = st.ks_pvalue(f.ks_adjusted, c.count, b.count)
         d.features.append(f)
         if name == SCORE_ROW:

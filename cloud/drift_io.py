@@ -117,7 +117,8 @@ def _state_to_json(d: _Device) -> dict:
             "buckets": [[int(b), _profiles_to_json(ps)] for b, ps in d.buckets.items()],
             "covered": [[int(b), [[_time(t), _value(s)] for t, s in c.items()]] for b, c in d.covered.items()],
             "windows": d.windows, "records": d.records, "rejected": d.rejected, "outliers": d.outliers,
-            "first": _time(d.first), "last": _time(d.last), "health": _value(d.health)}
+            "first": _time(d.first), "last": _time(d.last), "health": _value(d.health),
+            "on_grid": d.on_grid, "sketched": d.sketched}
 
 
 def _state_from_json(doc: dict, grids: dict[str, np.ndarray] | None = None) -> _Device:
@@ -126,7 +127,7 @@ def _state_from_json(doc: dict, grids: dict[str, np.ndarray] | None = None) -> _
                    covered={b: {_untime(t): _unvalue(s) for t, s in c} for b, c in doc["covered"]},
                    windows=doc["windows"], records=doc["records"], rejected=doc["rejected"],
                    outliers=doc["outliers"], first=_untime(doc["first"]), last=_untime(doc["last"]),
-                   health=_unvalue(doc["health"]))
+                   health=_unvalue(doc["health"]), on_grid=doc.get("on_grid", 0), sketched=doc.get("sketched", 0))
 
 
 # --- device results ----------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def plan_to_json(plan: Plan) -> dict:
             "since": _time(plan.since), "until": _time(plan.until),
             "cycle_s": None if plan.cycle is None else plan.cycle.total_seconds(),
             "base": _profiles_to_json(plan.base), "thresholds": asdict(plan.thresholds),
-            "baseline_id": plan.baseline_id, "cohorts": dict(plan.cohorts)}
+            "baseline_id": plan.baseline_id, "cohorts": dict(plan.cohorts), "grid_id": plan.grid_id}
 
 
 def plan_from_json(doc: dict) -> Plan:
@@ -181,21 +182,23 @@ def plan_from_json(doc: dict) -> Plan:
     cycle = None if doc["cycle_s"] is None else timedelta(seconds=doc["cycle_s"])
     return Plan(doc["model"], doc["version"], _untime(doc["since"]), _untime(doc["until"]), cycle,
                 _profiles_from_json(doc["base"]), Thresholds(**doc["thresholds"]), doc.get("baseline_id", ""),
-                dict(doc.get("cohorts") or {}))
+                dict(doc.get("cohorts") or {}), doc.get("grid_id", ""))
 
 
 def partial_to_json(part: Partial) -> dict:
     return {"format": PARTIAL_FORMAT, "devices": [device_to_json(d) for d in part.devices],
             "fleet": _state_to_json(part.fleet), "hours": _hours_to_json(part.hours),
             "warnings": list(part.warnings),
-            "cohorts": [[name, _state_to_json(c)] for name, c in part.cohorts.items()]}
+            "cohorts": [[name, _state_to_json(c)] for name, c in part.cohorts.items()],
+            "on_grid": part.on_grid, "sketched": part.sketched}
 
 
 def partial_from_json(doc: dict) -> Partial:
     _check_format(doc, PARTIAL_FORMAT)
     return Partial([device_from_json(d) for d in doc["devices"]], _state_from_json(doc["fleet"]),
                    _hours_from_json(doc["hours"]), list(doc["warnings"]),
-                   {name: _state_from_json(c) for name, c in doc.get("cohorts") or []})
+                   {name: _state_from_json(c) for name, c in doc.get("cohorts") or []},
+                   doc.get("on_grid", 0), doc.get("sketched", 0))
 
 
 def dumps(doc: dict) -> bytes:

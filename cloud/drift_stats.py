@@ -1,9 +1,11 @@
 """The statistics of a drift review, from window summaries alone, deterministic and mergeable.
 
 A device's distribution of one feature over many windows is the mixture of its windows'
-distributions, so its CDF at a point is the count-weighted mean of each window's sketch CDF there.
+distributions, so its CDF at a point is the count-weighted mean of each window's CDF there.
 ``Profile`` accumulates exactly that on a fixed grid taken from the baseline (its quantiles, both
 sides of every point, so point masses and ties keep their own bins), plus counts and moments.
+Devices from summary version 4 on count their values on that grid themselves: those windows add
+exact integers (``add_columns``); older ones add their sketch's weights at each point.
 Profiles add up (device + device = cohort or fleet) and never hold a summary, so a review streams;
 no KLL sketch is merged, so the same store always gives the same numbers.
 
@@ -29,24 +31,9 @@ import numpy as np
 from edge_runtime.contracts import NumericSummary
 from edge_runtime.summary import SketchLayout, decode_sketch, grid_masses, kll_layout
 
-GRID_RANKS = 129  # baseline quantiles the grid is built on: resolution 1/128 of the baseline's mass
 PSI_BINS = 10
 PENDING_MAX = 512  # sketches a profile holds before reading them: a few MB at most
 EPS = 1e-4
-
-
-def grid_for(baseline: NumericSummary) -> np.ndarray:
-    """The points every profile of this feature is evaluated at: the baseline's quantiles, its
-    histogram edges and extremes, each with the largest float32 below it (a CDF's left limit)."""
-    points = list(baseline.hist_edges)
-    sketch = decode_sketch(baseline)
-    if sketch is not None and not sketch.is_empty():
-        points += list(sketch.get_quantiles(np.linspace(0, 1, GRID_RANKS)))
-    points += [v for v in (baseline.min, baseline.max) if v is not None]
-    # float32: devices sketch float32 values, and a float32 sketch needs strictly increasing points
-    base = np.unique(np.asarray(points, dtype=np.float32))
-    base = base[np.isfinite(base)]
-    return np.unique(np.concatenate([base, np.nextafter(base, np.float32(-np.inf))])).astype(np.float64)
 
 
 _RANK_ERRORS: dict[int, float] = {}
@@ -115,12 +102,20 @@ class Profile:
     def rank_error(self) -> float:
         return self.error_mass / self.count if self.count else 0.0
 
-    def add_summary(self, s: NumericSummary, layout: SketchLayout | None = None) -> None:
+    def add_summary(self, s: NumericSummary, layout: SketchLayout | None = None, on_grid: bool = False) -> None:
         """Add one window's series. ``layout``: its float sketch's, if the caller has read (and so
-        checked) it already; otherwise it is read here, and ValueError says the sketch is damaged."""
+        checked) it already; otherwise it is read here, and ValueError says the sketch is damaged.
+        ``on_grid``: the summary's grid counts are on this profile's grid (its ``grid`` names the
+        baseline's grids): they are added as they are, exact, and the sketch is not read."""
         self.missing += s.missing
         self.nonfinite += s.nonfinite
         if not s.count:
+            return
+        if on_grid and s.grid_counts is not None:
+            mass = np.cumsum(np.asarray(s.grid_counts, dtype=np.int64))
+            if len(mass) != len(self.grid) or (len(mass) and mass[-1] > s.count) or (len(mass) and mass.min() < 0):
+                raise ValueError("grid counts that do not fit the grid or the series")
+            self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, 0.0, s.min, s.max)
             return
         if s.kll and s.kll_type == "f32" and layout is None:
             layout = kll_layout(s.kll)
@@ -168,6 +163,32 @@ class Profile:
     def present_rate(self) -> float:
         seen = self.count + self.missing + self.nonfinite
         return self.count / seen if seen else 1.0
+
+
+def add_columns(profiles: list[Profile], offsets: np.ndarray, tallies: np.ndarray, moments: np.ndarray,
+                grid_counts: np.ndarray) -> None:
+    """Add windows counted on the profiles' grids, all at once: per window and series, the tallies
+    (count, missing, nan, inf) and moments (min, max, mean, m2), ``windows x series x 4``; and the
+    grid counts, ``windows x`` every series' grid end to end (series i's at ``offsets[i]:offsets[i+1]``).
+    The masses are exact integer sums; the moments merge as Chan's formula does for many parts."""
+    count = tallies[:, :, 0]
+    has = count > 0
+    n = count.sum(axis=0)
+    missing = tallies[:, :, 1].sum(axis=0)
+    nonfinite = (tallies[:, :, 2] + tallies[:, :, 3]).sum(axis=0)
+    mean = np.where(has, moments[:, :, 2], 0.0)
+    mu = (count * mean).sum(axis=0) / np.maximum(n, 1)
+    m2 = np.where(has, moments[:, :, 3], 0.0).sum(axis=0) + (count * (mean - mu) ** 2).sum(axis=0)
+    lo = np.where(has, moments[:, :, 0], np.inf).min(axis=0)
+    hi = np.where(has, moments[:, :, 1], -np.inf).max(axis=0)
+    running = np.cumsum(grid_counts.sum(axis=0))
+    before = np.concatenate([[0], running])[offsets[:-1]]
+    for i, p in enumerate(profiles):
+        p.missing += int(missing[i])
+        p.nonfinite += int(nonfinite[i])
+        if n[i]:
+            mass = running[offsets[i]:offsets[i + 1]] - before[i]
+            p._add(int(n[i]), float(mu[i]), float(m2[i]), mass, 0.0, float(lo[i]), float(hi[i]))
 
 
 def ks(base: Profile, cur: Profile) -> float:
@@ -271,10 +292,7 @@ def wasserstein(base: Profile, cur: Profile) -> float:
     inside = float(np.sum(diff[:-1] * np.diff(grid)))
     below = max(0.0, grid[0] - cur.min) * float(cur.cdf[0]) if math.isfinite(cur.min) else 0.0
     above = max(0.0, cur.max - grid[-1]) * float(1 - cur.cdf[-1]) if math.isfinite(cur.max) else 0.0
-    spread = base.std or 0.0
-    if spread <= 0:
-        spread = max(abs(base.mean or 0.0), 1.0)
-    return (inside + below + above) / spread
+    return (inside + below + above) / _spread(base)
 
 
 def out_of_range(base: Profile, cur: Profile) -> float:
@@ -282,6 +300,93 @@ def out_of_range(base: Profile, cur: Profile) -> float:
     if not cur.count or not base.count:
         return 0.0
     return float(cur.cdf[0] + (1 - cur.cdf[-1])) if len(cur.grid) else 0.0
+
+
+class Reference:
+    """The baseline's profiles (every series of one review, in order) as padded arrays, with their
+    PSI bins and shares: computed once per review, so a device's series are compared all at once
+    (``Comparison``). Each grid is padded by repeating its last point, and each CDF its last value,
+    so the padding adds nothing to any distance."""
+
+    def __init__(self, profiles: list[Profile]) -> None:
+        self.profiles = profiles
+        self.lengths = np.array([len(p.grid) for p in profiles], dtype=np.int64)
+        width = int(self.lengths.max(initial=1))
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        column = np.minimum(np.arange(width)[None, :], np.maximum(self.lengths - 1, 0)[:, None])
+        self.take = self.offsets[:-1, None] + column  # where each padded cell reads from, in the series end to end
+        self.grid = self.pad(np.concatenate([p.grid for p in profiles]))
+        self.step = np.diff(self.grid, axis=1)  # zero in the padding
+        self.cdf = self.pad(np.concatenate([p.cdf for p in profiles]))
+        self.count = np.array([p.count for p in profiles], dtype=np.int64)
+        self.error = np.array([p.rank_error for p in profiles])
+        self.spread = np.array([_spread(p) for p in profiles])
+        edges = [bin_edges(p) for p in profiles]
+        bins = max(len(e) for e in edges)
+        self.bins = np.array([e + [e[-1]] * (bins - len(e)) for e in edges], dtype=np.int64)  # empty bins pad
+        # the padding's empty bins lie before the upper tail's, as in ``Comparison``'s masses
+        self.shares = np.array([[*sh[:-1], *[0.0] * (bins - len(e)), sh[-1]]
+                                for sh, e in ((binned(p, p)[0], e) for p, e in zip(profiles, edges))])
+
+    def pad(self, flat: np.ndarray) -> np.ndarray:
+        """Series end to end (``flat``) as a padded matrix, one row per series."""
+        return flat[self.take] if len(flat) else np.zeros(self.take.shape)
+
+
+def _spread(base: Profile) -> float:
+    spread = base.std or 0.0
+    return spread if spread > 0 else max(abs(base.mean or 0.0), 1.0)
+
+
+@dataclass
+class Comparison:
+    """Every series of one device (or cohort, or the fleet) against the baseline, all at once:
+    the same numbers as ``ks``, ``ks_adjusted``, ``psi``, ``js``, ``wasserstein`` and
+    ``out_of_range`` give one series at a time (tests/test_drift.py holds them to it)."""
+
+    ks: np.ndarray
+    ks_adjusted: np.ndarray
+    psi: np.ndarray
+    js: np.ndarray
+    wasserstein: np.ndarray
+    out_of_range: np.ndarray
+
+    @classmethod
+    def of(cls, ref: Reference, profiles: list[Profile]) -> Comparison:
+        count = np.array([p.count for p in profiles], dtype=np.int64)
+        cdf = ref.pad(np.concatenate([p.cdf for p in profiles]))
+        both = (count > 0) & (ref.count > 0)
+        gap = np.abs(cdf - ref.cdf)
+        ks = np.where(both, gap.max(axis=1, initial=0.0), 0.0)
+        error = np.array([p.rank_error for p in profiles])
+        adjusted = np.maximum(0.0, ks - np.hypot(ref.error, error))
+        # PSI and JS on the baseline's bins
+        rows = np.arange(len(profiles))[:, None]
+        at = cdf[rows, ref.bins]
+        mass = np.clip(np.diff(np.concatenate([np.zeros((len(profiles), 1)), at, np.ones((len(profiles), 1))],
+                                              axis=1), axis=1), 0.0, None)
+        q = mass / np.maximum(mass.sum(axis=1, keepdims=True), EPS)
+        p = ref.shares
+        pc, qc = np.clip(p, EPS, None), np.clip(q, EPS, None)
+        psi = np.sum((qc - pc) * np.log(qc / pc), axis=1)
+        m = (p + q) / 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
+            kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+        js = np.sqrt(np.maximum(0.0, (kl_p + kl_q) / 2))
+        # Wasserstein over the baseline's spread, with the mass beyond the grid's ends
+        last = np.maximum(ref.lengths - 1, 0)
+        first_cdf, last_cdf = cdf[:, 0], cdf[np.arange(len(profiles)), last]
+        grid_lo, grid_hi = ref.grid[:, 0], ref.grid[np.arange(len(profiles)), last]
+        lo = np.array([p.min for p in profiles])
+        hi = np.array([p.max for p in profiles])
+        inside = np.sum(gap[:, :-1] * ref.step, axis=1)
+        with np.errstate(invalid="ignore"):
+            below = np.where(np.isfinite(lo), np.maximum(0.0, grid_lo - lo) * first_cdf, 0.0)
+            above = np.where(np.isfinite(hi), np.maximum(0.0, hi - grid_hi) * (1 - last_cdf), 0.0)
+        wasserstein = np.where(both, (inside + below + above) / ref.spread, 0.0)
+        outside = np.where(both & (ref.lengths > 0), first_cdf + (1 - last_cdf), 0.0)
+        return cls(ks, adjusted, psi, js, wasserstein, outside)
 
 
 def rate_pvalue(k: int, n: int, p0: float) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 from edge_runtime.bundle import load_bundle
 from edge_runtime.scoring import Scorer
 from edge_runtime.store import ObjectStore
-from edge_runtime.summary import summarise
+from edge_runtime.summary import review_grid, summarise
 
 from . import drift_stats as st
 from .registry import PENDING, Registry, as_registry
@@ -72,7 +72,7 @@ def evaluate(bundle_dir: str | Path, rows: np.ndarray, names: list[str]) -> Eval
     worst, worst_name = 0.0, ""
     for j, name in enumerate(names):
         base = baseline.features[name]
-        b = st.Profile(st.grid_for(base))
+        b = st.Profile(review_grid(base))
         b.add_summary(base)
         c = st.Profile(b.grid)
         c.add_summary(summarise(rows[:, j], base.hist_edges))

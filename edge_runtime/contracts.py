@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 MANIFEST_SCHEMA_VERSION = 1
 CONFIG_SCHEMA_VERSION = 2
-SUMMARY_SCHEMA_VERSION = 3
+SUMMARY_SCHEMA_VERSION = 4
 
 MAX_WINDOW_SECONDS = 7 * 86400  # the largest window: a week of one device's data in one summary
 
@@ -158,6 +158,11 @@ class NumericSummary(_Strict):
     kll_type: Literal["f64", "f32"] = Field(
         "f64", description="f64: kll_doubles_sketch (versions 1 and 2); f32: kll_floats_sketch (version 3)"
     )
+    grid_counts: list[int] | None = Field(
+        None, description="version 4: exact counts on the review grid (``summary.review_grid`` of the baseline, "
+        "named by the summary's ``grid``): per point, the values in (previous point, point]; the values above "
+        "the last point are count less their sum",
+    )
 
     @field_validator("kll", mode="before")
     @classmethod
@@ -216,12 +221,11 @@ class WindowHealth(_Strict):
     events_dropped: int = Field(0, description="events dropped by a full publish queue while the broker was away")
 
 
-class WindowSummary(_Strict):
-    """Versions 1 and 2 (JSON) are still read; version 3 is written in the binary container of
-    ``summary_format`` and adds the writer's instance id, the part number, a digest of the
-    records counted, and the spool's drops."""
+class SummaryHeader(_Strict):
+    """A window summary without its series: what the fleet review needs to admit a summary
+    before it reads the series' columns (``summary_format.columns``)."""
 
-    schema_version: Literal[1, 2, 3] = SUMMARY_SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SUMMARY_SCHEMA_VERSION
     model_name: str
     model_version: str
     device_id: str
@@ -241,14 +245,24 @@ class WindowSummary(_Strict):
     )
     spool_dropped: SpoolDrops | None = None
     health: WindowHealth | None = None
-    features: dict[str, NumericSummary]
-    score: NumericSummary
+    grid: str | None = Field(
+        None, description="version 4: the review grids its series' grid_counts are on (``summary.grid_id``)",
+    )
 
     @property
     def identity(self) -> tuple:
         """What a replay of the same input repeats exactly."""
         return (self.model_name, self.model_version, self.device_id, self.window_start, self.records_digest,
                 self.records, self.rejected)
+
+
+class WindowSummary(SummaryHeader):
+    """Versions 1 and 2 (JSON) are still read; version 3 is written in the binary container of
+    ``summary_format`` and adds the writer's instance id, the part number, a digest of the
+    records counted, and the spool's drops; version 4 adds exact counts on the review grid."""
+
+    features: dict[str, NumericSummary]
+    score: NumericSummary
 
 
 # --- runtime configuration --------------------------------------------------------------------
@@ -616,7 +630,7 @@ def load_manifest(path: str | Path) -> BundleManifest:
 
 
 def load_summary(data: bytes | str, source: str) -> WindowSummary:
-    """A window summary of any version: binary (3) or JSON (1, 2)."""
+    """A window summary of any version: binary (3, 4) or JSON (1, 2; a baseline of any)."""
 
     if isinstance(data, bytes) and data[:4] == b"ELWS":
         from .summary_format import decode

@@ -19,6 +19,7 @@ from .contracts import ScoringConfig
 from .records import RecordDecoder
 from .scoring import Scorer, ScoringError
 from .streams import StreamWindows
+from .summary import grid_id, review_grid
 
 
 class ModelError(BundleError):
@@ -55,6 +56,19 @@ class Model:
     @property
     def score_edges(self) -> list[float]:
         return self.bundle.baseline.score.hist_edges
+
+    @cached_property
+    def feature_grids(self) -> list[np.ndarray]:
+        """Each feature's review grid (``summary.review_grid`` of its baseline): windows count on it."""
+        return [review_grid(self.bundle.baseline.features[n]) for n in self.feature_names]
+
+    @cached_property
+    def score_grid(self) -> np.ndarray:
+        return review_grid(self.bundle.baseline.score)
+
+    @cached_property
+    def grid_id(self) -> str:
+        return grid_id(dict(zip(self.feature_names, self.feature_grids)), self.score_grid)
 
     @cached_property
     def schema_key(self) -> str:

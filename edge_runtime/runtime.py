@@ -576,8 +576,9 @@ class EdgeRuntime:
         m, k = self.model, self.config.window.kll_k
         self.window = Window(
             start=start, end=start + self.config.window.seconds, model_name=m.name, model_version=m.version,
-            feature_names=m.feature_names, features=MatrixAccumulator(m.feature_edges, k),
-            score=MatrixAccumulator([m.score_edges], k), part=self._next_part(m.version, start),
+            feature_names=m.feature_names, features=MatrixAccumulator(m.feature_edges, k, m.feature_grids),
+            score=MatrixAccumulator([m.score_edges], k, [m.score_grid]), part=self._next_part(m.version, start),
+            grid=m.grid_id,
         )
         self._checkpoint_at = time.monotonic()
         if self.orphans:

@@ -2,14 +2,18 @@
 
 A device keeps one accumulator per feature (and one for the outlier score) for each window. What
 it ships is a ``NumericSummary``: exact count/min/max/mean/variance, a histogram on the baseline's
-bin edges, and an Apache DataSketches KLL sketch for quantiles. Any number of summaries merge
-into one with the same meaning, so the cloud can roll windows up into days, devices into fleets.
+bin edges, exact counts on the review grid (the baseline's quantiles, both sides of each: what the
+fleet review compares distributions on), and an Apache DataSketches KLL sketch for quantiles. Any
+number of summaries merge into one with the same meaning, so the cloud can roll windows up into
+days, devices into fleets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -110,6 +114,50 @@ def new_sketch(k: int = KLL_K) -> kll_floats_sketch:
     return kll_floats_sketch(k)
 
 
+GRID_RANKS = 129  # baseline quantiles the review grid is built on: resolution 1/128 of the baseline's mass
+
+
+def review_grid(baseline: NumericSummary) -> np.ndarray:
+    """The points the fleet review evaluates this series' distribution at: the baseline's
+    quantiles, its histogram edges and extremes, each with the largest float32 below it (a CDF's
+    left limit, so point masses and ties keep a bin of their own). Devices count their values on
+    it (``grid_counts``), so the review adds exact integers instead of reading sketches; the
+    review derives the same grid from the same baseline, and ``grid_id`` tells the two agree."""
+    points = list(baseline.hist_edges)
+    sketch = decode_sketch(baseline)
+    if sketch is not None and not sketch.is_empty():
+        points += list(sketch.get_quantiles(np.linspace(0, 1, GRID_RANKS)))
+    points += [v for v in (baseline.min, baseline.max) if v is not None]
+    # float32: devices count float32 values, and a float32 comparison needs strictly increasing points
+    base = np.unique(np.asarray(points, dtype=np.float32))
+    base = base[np.isfinite(base)]
+    return np.unique(np.concatenate([base, np.nextafter(base, np.float32(-np.inf))])).astype(np.float64)
+
+
+def grid_id(features: Mapping[str, np.ndarray], score: np.ndarray) -> str:
+    """Names a set of review grids (each feature's and the score's): a summary counted on them
+    says so, and the review uses its counts only when its own grids, from the same baseline, have
+    this name."""
+    h = hashlib.sha256()
+    for name, grid in [*sorted(features.items()), ("", score)]:  # "": no feature has an empty name
+        grid = np.asarray(grid, dtype="<f4")
+        h.update(f"{name}\0{len(grid)}\0".encode())
+        h.update(grid.tobytes())
+    return h.hexdigest()[:16]
+
+
+def grid_counts(sorted32: np.ndarray, grid32: np.ndarray) -> np.ndarray:
+    """For each grid point, how many of the sorted float32 values are <= it (cumulative)."""
+    return np.searchsorted(sorted32, grid32, side="right")
+
+
+def grid_bins(values: np.ndarray, grid: np.ndarray) -> list[int]:
+    """The finite values' counts on the grid as a summary carries them (``grid_counts``)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values32 = np.sort(values[np.isfinite(values)].astype(np.float32))
+    return _bins(grid_counts(values32, np.asarray(grid, dtype=np.float32)))
+
+
 def decode_sketch(summary: NumericSummary) -> kll_floats_sketch | kll_doubles_sketch:
     """The summary's sketch, of the type it was written with (doubles before version 3)."""
     if summary.kll_type == "f64":
@@ -140,10 +188,13 @@ def as_floats_sketch(summary: NumericSummary, k: int = KLL_K) -> kll_floats_sket
 class SeriesAccumulator:
     """Accumulates one numeric series batch by batch; ``summary()`` freezes it."""
 
-    def __init__(self, hist_edges: list[float] | np.ndarray, k: int = KLL_K) -> None:
+    def __init__(self, hist_edges: list[float] | np.ndarray, k: int = KLL_K, grid: np.ndarray | None = None) -> None:
         self.edges = np.asarray(hist_edges, dtype=np.float64)
         self.hist = np.zeros(len(self.edges) + 1, dtype=np.int64)
         self.sketch = new_sketch(k)
+        # values <= each review grid point, if counted on one (``review_grid``)
+        self.grid32 = None if grid is None else np.asarray(grid, dtype=np.float32)
+        self.grid_le = None if grid is None else np.zeros(len(grid), dtype=np.int64)
         self.count = 0
         self.missing = 0
         self.nan = 0
@@ -173,7 +224,10 @@ class SeriesAccumulator:
         n = values.size
         if n == 0:
             return
-        self.sketch.update(values.astype(np.float32))
+        values32 = values.astype(np.float32)
+        self.sketch.update(values32)
+        if self.grid_le is not None:
+            self.grid_le += grid_counts(np.sort(values32), self.grid32)
         # np.searchsorted with side="right": a value equal to an edge falls in the bin above it
         self.hist += np.bincount(
             np.searchsorted(self.edges, values, side="right"), minlength=len(self.hist)
@@ -206,6 +260,7 @@ class SeriesAccumulator:
             hist_counts=self.hist.tolist(),
             kll=self.sketch.serialize() if has else None,
             kll_type="f32",
+            grid_counts=_bins(self.grid_le),
         )
 
     def merge(self, other: NumericSummary) -> None:
@@ -215,6 +270,11 @@ class SeriesAccumulator:
         # before version 3 NaN and Inf were one count: it goes to inf, which keeps nan + inf right
         self.nan += other.nan
         self.inf += other.inf if (other.nan or other.inf) else other.nonfinite
+        if self.grid_le is not None:  # counts on the grid add up; a summary without them leaves none known
+            if other.grid_counts is not None and len(other.grid_counts) == len(self.grid_le):
+                self.grid_le += np.cumsum(np.asarray(other.grid_counts, dtype=np.int64))
+            elif other.count:
+                self.grid_le = None
         if other.count == 0:
             return
         self.hist += np.asarray(other.hist_counts, dtype=np.int64)
@@ -225,21 +285,34 @@ class SeriesAccumulator:
 
 
 def merge_summaries(summaries: list[NumericSummary]) -> NumericSummary:
-    """One summary with the meaning of all of them together."""
+    """One summary with the meaning of all of them together. Grid counts add up when every
+    summary has them, on grids of one length (the caller merges summaries of one grid, as it
+    merges those of one set of histogram edges); otherwise the merged summary has none."""
     if not summaries:
         raise ValueError("nothing to merge")
     acc = SeriesAccumulator(summaries[0].hist_edges, max(_k(s) for s in summaries))
     for s in summaries:
         acc.merge(s)
-    return acc.summary()
+    merged = acc.summary()
+    counted = [s.grid_counts for s in summaries]
+    if all(c is not None and len(c) == len(counted[0]) for c in counted):
+        merged.grid_counts = np.sum(np.asarray(counted, dtype=np.int64), axis=0).tolist()
+    return merged
+
+
+def _bins(grid_le: np.ndarray | None) -> list[int] | None:
+    """Cumulative counts on a grid as the summary carries them: per point, the values in
+    (previous point, point], small numbers that pack into few bytes."""
+    return None if grid_le is None else np.diff(grid_le, prepend=0).tolist()
 
 
 def _k(summary: NumericSummary) -> int:
     return decode_sketch(summary).k if summary.kll else KLL_K
 
 
-def summarise(values: np.ndarray, hist_edges: list[float] | np.ndarray) -> NumericSummary:
-    acc = SeriesAccumulator(hist_edges)
+def summarise(values: np.ndarray, hist_edges: list[float] | np.ndarray,
+              grid: np.ndarray | None = None) -> NumericSummary:
+    acc = SeriesAccumulator(hist_edges, grid=grid)
     acc.update(values)
     return acc.summary()
 
@@ -257,7 +330,7 @@ class MatrixAccumulator:
     the KLL updates do not, and end to end it was no faster; see docs/benchmarks.md.)
     """
 
-    def __init__(self, edges: list[list[float]], k: int = KLL_K) -> None:
+    def __init__(self, edges: list[list[float]], k: int = KLL_K, grids: list[np.ndarray] | None = None) -> None:
         f = len(edges)
         width = max((len(e) for e in edges), default=0)
         self.n_edges = [len(e) for e in edges]
@@ -277,6 +350,11 @@ class MatrixAccumulator:
         self.m2 = np.zeros(f)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
+        # per column, values <= each point of its review grid (``review_grid``), if counted on one
+        if grids is not None and len(grids) != f:
+            raise ValueError(f"{len(grids)} grids for {f} columns")
+        self.grids32 = None if grids is None else [np.asarray(g, dtype=np.float32) for g in grids]
+        self.grid_le = None if grids is None else [np.zeros(len(g), dtype=np.int64) for g in grids]
 
     def update(self, matrix: np.ndarray) -> None:
         if len(matrix):
@@ -309,6 +387,9 @@ class MatrixAccumulator:
             cols = cols.astype(np.float32)
         for sketch, col in zip(self.sketches, cols):
             sketch.update(col)
+        if self.grid_le is not None:
+            for le, grid32, col in zip(self.grid_le, self.grids32, cols):
+                le += grid_counts(col, grid32)
         wide = cols.astype(np.float64)
         n = wide.shape[1]
         np.minimum(self.min, wide[:, 0], out=self.min)
@@ -348,5 +429,6 @@ class MatrixAccumulator:
                 hist_counts=self.hist[j, : k + 1].tolist(),
                 kll=self.sketches[j].serialize() if has else None,
                 kll_type="f32",
+                grid_counts=_bins(self.grid_le[j]) if self.grid_le is not None else None,
             ))
         return out

@@ -48,6 +48,7 @@ class Window:
     part: int = 0
     digest: int = 0  # sum of the counted records' hashes (``digest``), to recognise a replay
     changed: bool = False  # since the last checkpoint
+    grid: str | None = None  # the review grids the accumulators count on (``summary.grid_id``), if any
 
     def summary(self, device_id: str, health: WindowHealth | None, instance_id: str | None = None,
                 spool_dropped: SpoolDrops | None = None) -> WindowSummary:
@@ -70,6 +71,7 @@ class Window:
             health=health,
             features=dict(zip(self.feature_names, self.features.summaries())),
             score=self.score.summaries()[0],
+            grid=self.grid if self.features.grid_le is not None else None,
         )
 
 

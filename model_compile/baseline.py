@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.contracts import NumericSummary, WindowSummary
-from edge_runtime.summary import summarise
+from edge_runtime.summary import grid_bins, grid_id, review_grid, summarise
 
 NON_FEATURE_COLUMNS = {"ts", "timestamp", "time", "id", "label", "anomaly", "is_anomaly", "device_id"}
 HIST_BINS = 10
@@ -106,17 +106,28 @@ def make_baseline(name: str, version: str, names: list[str], X: np.ndarray, scor
     bins, so the review compares devices with the data as it came."""
     now = datetime.now(timezone.utc)
     features: dict[str, NumericSummary] = {}
+    grids: dict[str, np.ndarray] = {}
     for j, n in enumerate(names):
         edges = quantile_edges(X[:, j])
-        if raw is None:
-            features[n] = summarise(X[:, j], edges)
-            continue
-        column = raw.X[:, j]
-        s = summarise(column[np.isfinite(column)].astype(np.float32), edges)
-        s.missing, s.nonfinite, s.nan = raw.missing[n], raw.nonfinite[n], raw.nonfinite[n]
-        features[n] = s
+        column = X[:, j] if raw is None else raw.X[:, j]
+        if raw is not None:
+            column = column[np.isfinite(column)].astype(np.float32)
+        features[n], grids[n] = _on_review_grid(column, edges)
+        if raw is not None:
+            features[n].missing, features[n].nonfinite = raw.missing[n], raw.nonfinite[n]
+            features[n].nan = raw.nonfinite[n]
+    score, score_grid = _on_review_grid(scores, quantile_edges(scores))
     return WindowSummary(
         model_name=name, model_version=version, device_id="training",
         window_start=now, window_end=now, records=len(X), outliers=outliers,
-        features=features, score=summarise(scores, quantile_edges(scores)),
+        features=features, score=score, grid=grid_id(grids, score_grid),
     )
+
+
+def _on_review_grid(values: np.ndarray, edges: list[float]) -> tuple[NumericSummary, np.ndarray]:
+    """The series' summary, with exact counts on the review grid it defines (``review_grid``):
+    devices count on the same grid, so the review compares exact counts on both sides."""
+    summary = summarise(values, edges)
+    grid = review_grid(summary)  # from this very sketch: another summary of the same values may differ
+    summary.grid_counts = grid_bins(values, grid)
+    return summary, grid

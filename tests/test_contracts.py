@@ -88,9 +88,9 @@ def test_json_summaries_of_versions_1_and_2_are_still_read_and_merge_with_versio
     old = load_summary(json.dumps(v1), "v1.json")
     assert old.schema_version == 1 and old.health is None and old.rejected_by_reason == {}
     assert old.instance_id is None and old.records_digest is None
-    assert SUMMARY_SCHEMA_VERSION == 3
+    assert SUMMARY_SCHEMA_VERSION == 4
     with pytest.raises(ContractError, match="schema_version"):
-        load_summary(json.dumps({**v1, "schema_version": 4}), "v4.json")
+        load_summary(json.dumps({**v1, "schema_version": 5}), "v5.json")
     # a version-2 series: base64 of a doubles sketch, NaN and Inf in one count
     x = np.arange(1000, dtype=np.float64)
     sketch = kll_doubles_sketch(200)

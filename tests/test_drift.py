@@ -15,7 +15,8 @@ from cloud.drift import SCORE_ROW, Thresholds, fleet_drift, to_json
 from cloud.train import quantile_edges
 from edge_runtime.contracts import WindowSummary, baseline_key, model_key, summary_key
 from edge_runtime.store import LocalStore
-from edge_runtime.summary import summarise
+from edge_runtime.summary import grid_bins, grid_id, review_grid, summarise
+from edge_runtime.summary_format import encode
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 RNG = np.random.default_rng(0)
@@ -24,24 +25,40 @@ EDGES = quantile_edges(BASE)
 
 
 def window(device: str, values: dict[str, np.ndarray], start: datetime, hours: float = 1, rejected: int = 0,
-           outliers: int = 0, edges=None, model: str = "m") -> WindowSummary:
+           outliers: int = 0, edges=None, model: str = "m", grids: dict | str | None = None) -> WindowSummary:
+    """``grids``: the review grids to count on, as devices do from summary version 4 on; "own": the
+    grids this window's own series define, as training counts the baseline."""
     n = max((len(v) for v in values.values()), default=0)
-    score = values.get(SCORE_ROW, np.abs(RNG.normal(0, 1, n)))
+    series = {k: (v, (edges or {}).get(k, EDGES)) for k, v in values.items() if k != SCORE_ROW}
+    series[SCORE_ROW] = (values.get(SCORE_ROW, np.abs(RNG.normal(0, 1, n))), quantile_edges(np.abs(BASE)))
+    out = {k: summarise(v, e, grids[k] if isinstance(grids, dict) else None) for k, (v, e) in series.items()}
+    if grids == "own":
+        grids = {k: review_grid(s) for k, s in out.items()}
+        for k, s in out.items():
+            s.grid_counts = grid_bins(series[k][0], grids[k])
+    score = out.pop(SCORE_ROW)
     return WindowSummary(
         model_name=model, model_version="1.0.0", device_id=device, window_start=start,
         window_end=start + timedelta(hours=hours), records=n, rejected=rejected, outliers=outliers,
-        features={k: summarise(v, (edges or {}).get(k, EDGES)) for k, v in values.items() if k != SCORE_ROW},
-        score=summarise(score, quantile_edges(np.abs(BASE))))
+        features=out, score=score,
+        grid=grid_id({k: g for k, g in grids.items() if k != SCORE_ROW}, grids[SCORE_ROW]) if grids else None)
 
 
 class Fleet:
-    """A store with a baseline for model m 1.0.0 and the device windows a test puts in it."""
+    """A store with a baseline for model m 1.0.0 and the device windows a test puts in it: with
+    ``on_grid``, as devices write them from summary version 4 on (binary, counted on the baseline's
+    review grids, which the baseline is counted on too); otherwise JSON with sketches only."""
 
     def __init__(self, tmp_path, baseline: dict[str, np.ndarray] | None = None, fpr: float | None = None,
-                 edges=None) -> None:
+                 edges=None, on_grid: bool = False) -> None:
         self.store = LocalStore(tmp_path / "store")
         self.edges = edges
-        self.baseline = window("training", baseline or {"f": BASE, SCORE_ROW: np.abs(BASE)}, T0, edges=edges)
+        self.baseline = window("training", baseline or {"f": BASE, SCORE_ROW: np.abs(BASE)}, T0, edges=edges,
+                               grids="own" if on_grid else None)
+        self.grids = None
+        if on_grid:
+            own = [*self.baseline.features.items(), (SCORE_ROW, self.baseline.score)]
+            self.grids = {k: review_grid(s) for k, s in own}
         self.store.put(baseline_key("m", "1.0.0"), self.baseline.model_dump_json().encode())
         if fpr is not None:
             self.store.put(model_key("m", "1.0.0", "manifest.json"),
@@ -49,8 +66,9 @@ class Fleet:
 
     def add(self, device: str, values: dict[str, np.ndarray] | np.ndarray, start: datetime = T0, **kw) -> None:
         values = values if isinstance(values, dict) else {"f": values}
-        w = window(device, values, start, edges=self.edges, **kw)
-        self.store.put(summary_key("m", "1.0.0", device, start, instance="i0"), w.model_dump_json().encode())
+        w = window(device, values, start, edges=self.edges, grids=self.grids, **kw)
+        data = encode(w) if self.grids else w.model_dump_json().encode()
+        self.store.put(summary_key("m", "1.0.0", device, start, instance="i0"), data)
 
     def hourly(self, device: str, values: np.ndarray, start: datetime = T0, **kw) -> None:
         """``values`` spread over hourly windows."""
@@ -59,7 +77,16 @@ class Fleet:
 
     def review(self, **kw):
         (report,), warnings = fleet_drift(self.store, **{"last": None, **kw})
+        # every window is read the way it was written: as exact counts on the grids, or its sketches
+        assert (report.windows_sketched if self.grids else report.windows_on_grid) == 0
         return report, warnings
+
+
+@pytest.fixture(params=["sketches", "grid"])
+def on_grid(request) -> bool:
+    """Both ways a review reads a window: its sketches (summaries before version 4, or counted on
+    another baseline's grids), and its exact counts on the review grids (version 4)."""
+    return request.param == "grid"
 
 
 def device(report, name: str):
@@ -72,8 +99,8 @@ def feature(d, name: str = "f"):
 
 # --- the numbers ---------------------------------------------------------------------------------
 
-def test_ks_matches_scipy_within_the_sketch_error_and_is_deterministic(tmp_path):
-    fleet = Fleet(tmp_path)
+def test_ks_matches_scipy_within_the_sketch_error_and_is_deterministic(tmp_path, on_grid):
+    fleet = Fleet(tmp_path, on_grid=on_grid)
     x = np.random.default_rng(1).normal(0.3, 1.2, 40_000)
     fleet.hourly("d1", x)
     first, _ = fleet.review()
@@ -84,12 +111,18 @@ def test_ks_matches_scipy_within_the_sketch_error_and_is_deterministic(tmp_path)
     assert abs(f.ks - exact) <= 0.0133 * 2 + 1 / 128  # both sketches' rank error, and the grid's step
     assert f.ks_adjusted <= exact  # the adjusted distance never overstates
     assert f.count == 40_000 and abs(f.mean - x.mean()) < 1e-6 and abs(f.std - x.std()) < 1e-4
+    if on_grid:  # exact counts: the largest gap at the grid's points, exactly, with no sketch error taken off
+        grid = fleet.grids["f"].astype(np.float32)
+        on_points = np.abs(np.searchsorted(np.sort(x.astype(np.float32)), grid, side="right") / len(x)
+                           - np.searchsorted(np.sort(BASE.astype(np.float32)), grid, side="right") / len(BASE))
+        assert f.ks == pytest.approx(on_points.max(), abs=1e-12) and f.ks_adjusted == f.ks
+        assert exact - 1 / 64 <= f.ks <= exact + 1e-9  # the grid only understates, by less than a step
 
 
-def test_psi_sees_new_codes_in_discrete_data(tmp_path):
+def test_psi_sees_new_codes_in_discrete_data(tmp_path, on_grid):
     codes = np.random.default_rng(2).choice([0.0, 1.0, 2.0, 3.0], 20_000, p=[0.4, 0.3, 0.2, 0.1])
     edges = {"f": sorted(set(np.quantile(codes, np.linspace(0.1, 0.9, 9))))}
-    fleet = Fleet(tmp_path, {"f": codes, SCORE_ROW: np.abs(BASE[:20_000])}, edges=edges)
+    fleet = Fleet(tmp_path, {"f": codes, SCORE_ROW: np.abs(BASE[:20_000])}, edges=edges, on_grid=on_grid)
     same = np.random.default_rng(3).choice([0.0, 1.0, 2.0, 3.0], 5_000, p=[0.4, 0.3, 0.2, 0.1])
     new = np.where(np.random.default_rng(4).random(5_000) < 0.15, 1.5, same)  # a code between two old ones
     fleet.add("same", same)
@@ -102,11 +135,11 @@ def test_psi_sees_new_codes_in_discrete_data(tmp_path):
 
 # --- verdicts on fleets of known drift -----------------------------------------------------------
 
-def test_known_drift_is_flagged_on_exactly_those_devices_and_features(tmp_path):
+def test_known_drift_is_flagged_on_exactly_those_devices_and_features(tmp_path, on_grid):
     rng = np.random.default_rng(5)
     base = {"a": BASE, "b": RNG.normal(10, 2, 50_000), SCORE_ROW: np.abs(BASE)}
     edges = {"a": EDGES, "b": quantile_edges(base["b"])}
-    fleet = Fleet(tmp_path, base, edges=edges)
+    fleet = Fleet(tmp_path, base, edges=edges, on_grid=on_grid)
 
     def normal(n):
         return {"a": rng.normal(0, 1, n), "b": rng.normal(10, 2, n)}
@@ -122,19 +155,19 @@ def test_known_drift_is_flagged_on_exactly_those_devices_and_features(tmp_path):
     assert report.devices[0].device_id in ("shift", "spread")  # worst first
 
 
-def test_more_data_never_gives_a_milder_verdict(tmp_path):
+def test_more_data_never_gives_a_milder_verdict(tmp_path, on_grid):
     order = {"ok": 0, "warn": 1, "drift": 2}
     verdicts = []
-    for n in (100, 300, 1_000, 3_000, 10_000, 30_000):  # a +0.35 SD shift, ever more rows
-        fleet = Fleet(tmp_path / str(n))
-        fleet.add("d", np.random.default_rng(n).normal(0.35, 1, n))
+    for n in (100, 300, 1_000, 3_000, 10_000, 30_000):  # a +0.25 SD shift, ever more rows
+        fleet = Fleet(tmp_path / str(n), on_grid=on_grid)
+        fleet.add("d", np.random.default_rng(n).normal(0.25, 1, n))
         report, _ = fleet.review()
         verdicts.append(order[feature(device(report, "d")).verdict])
     assert verdicts == sorted(verdicts) and verdicts[-1] == 2 and verdicts[0] == 0
 
 
-def test_a_recent_change_after_a_long_normal_history_is_judged_on_the_last_day(tmp_path):
-    fleet = Fleet(tmp_path)
+def test_a_recent_change_after_a_long_normal_history_is_judged_on_the_last_day(tmp_path, on_grid):
+    fleet = Fleet(tmp_path, on_grid=on_grid)
     rng = np.random.default_rng(6)
     for day in range(10):  # 50,000 normal rows, then a day at +3 SD
         for h in range(24):
@@ -147,8 +180,8 @@ def test_a_recent_change_after_a_long_normal_history_is_judged_on_the_last_day(t
     assert feature(device(whole, "d")).ks < feature(device(recent, "d")).ks / 5
 
 
-def test_rejections_and_outliers_count_toward_the_verdict(tmp_path):
-    fleet = Fleet(tmp_path, fpr=0.01)
+def test_rejections_and_outliers_count_toward_the_verdict(tmp_path, on_grid):
+    fleet = Fleet(tmp_path, fpr=0.01, on_grid=on_grid)
     rng = np.random.default_rng(7)
     fleet.add("fine", rng.normal(0, 1, 5_000), outliers=55)
     fleet.add("rejecting", rng.normal(0, 1, 3_500), rejected=1_500)  # 30% of its records
@@ -169,13 +202,13 @@ def test_rejections_and_outliers_count_toward_the_verdict(tmp_path):
     assert any("f: non-finite" in r for r in device(report, "nan").reasons)
 
 
-def test_whole_cycles_only_when_the_baseline_has_a_cycle(tmp_path):
+def test_whole_cycles_only_when_the_baseline_has_a_cycle(tmp_path, on_grid):
     """Healthy devices on a daily cycle: part of a day is not compared with a whole-day baseline."""
     rng = np.random.default_rng(8)
     minutes = np.arange(14 * 1440)
     cycle = lambda m: 5 * np.sin(2 * np.pi * (m % 1440) / 1440)  # noqa: E731
     base = cycle(minutes) + rng.normal(0, 1, len(minutes))
-    fleet = Fleet(tmp_path, {"f": base, SCORE_ROW: np.abs(BASE)}, edges={"f": quantile_edges(base)})
+    fleet = Fleet(tmp_path, {"f": base, SCORE_ROW: np.abs(BASE)}, edges={"f": quantile_edges(base)}, on_grid=on_grid)
     for rows in (100, 300, 1_000):  # the first hours of a day
         fleet.hourly(f"part-{rows}", cycle(np.arange(rows)) + rng.normal(0, 1, rows), T0 + timedelta(days=1))
     day = np.arange(1440)
@@ -189,8 +222,8 @@ def test_whole_cycles_only_when_the_baseline_has_a_cycle(tmp_path):
     assert device(cycled, "whole-day").verdict == "ok"
 
 
-def test_a_thousand_healthy_devices_of_100_to_100000_rows_raise_no_alarm(tmp_path):
-    fleet = Fleet(tmp_path, fpr=0.01)
+def test_a_thousand_healthy_devices_of_100_to_100000_rows_raise_no_alarm(tmp_path, on_grid):
+    fleet = Fleet(tmp_path, fpr=0.01, on_grid=on_grid)
     rng = np.random.default_rng(9)
     sizes = np.round(10 ** rng.uniform(2, 5, 1_000)).astype(int)
     for i, n in enumerate(sizes):

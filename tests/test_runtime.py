@@ -34,7 +34,7 @@ def test_runtime_flags_outliers_summarises_windows_and_syncs(make_config, tmp_pa
     assert [k.startswith(prefix) for k in keys] == [True, True]
     assert [window_name(k) for k in keys] == ["20261101T000000Z-p0", "20261101T010000Z-p0"]
     first, second = (load_summary(store.get(k), k) for k in keys)
-    assert first.instance_id == second.instance_id == rt.instance_id and first.schema_version == 3
+    assert first.instance_id == second.instance_id == rt.instance_id and first.schema_version == 4
     assert (first.records, second.records) == (120, 80)
     assert first.features["rpm"].count == 120
     assert first.features["rpm"].mean == pytest.approx(float(rows[:120, 5].astype(np.float64).mean()), rel=1e-6)

@@ -160,7 +160,7 @@ def test_a_quiet_device_ships_its_window_on_the_wall_clock(make_config, tmp_path
         got = wait_for(lambda: summaries(tmp_path), timeout=8)
         (s,) = got.values()
         assert s.records == 1 and (s.window_end - s.window_start).total_seconds() == 2
-        assert s.schema_version == 3 and s.health.scored == 1 and s.health.provider == "CPUExecutionProvider"
+        assert s.schema_version == 4 and s.health.scored == 1 and s.health.provider == "CPUExecutionProvider"
         assert svc.runtime.window is None
 
 

@@ -84,6 +84,34 @@ def test_matrix_accumulator_matches_the_per_series_one_column_by_column():
     assert (got[1].missing, got[2].nonfinite, got[0].missing) == (3, 1, 0)
 
 
+def test_counts_on_a_review_grid_are_exact_however_the_values_come_and_add_up_when_merged():
+    from edge_runtime.summary import FOLD_ROWS, MatrixAccumulator, grid_bins, review_grid
+
+    rng = np.random.default_rng(6)
+    base = rng.normal(0, 1, 20_000)
+    baseline = summarise(base, EDGES)
+    grid = review_grid(baseline)  # the baseline's quantiles, edges and extremes, each with its left limit
+    points = grid.astype(np.float32)
+    assert np.all(np.diff(points) > 0) and set(np.float32(EDGES)) <= set(points)
+    assert np.array_equal(np.nextafter(points[1::2], np.float32(-np.inf)), points[::2])  # a point and just below it
+    m = rng.normal(0.2, 1.3, (2 * FOLD_ROWS + 77, 2)).astype(np.float32)
+    m[:40, 0] = points[100]  # ties exactly on a point are counted at it, not below it
+    acc = MatrixAccumulator([EDGES, EDGES], grids=[grid, grid])
+    for lo in range(0, len(m), 999):
+        acc.update(m[lo:lo + 999])
+    a, b = acc.summaries()
+    for j, s in enumerate((a, b)):
+        want = np.searchsorted(np.sort(m[:, j]), points, side="right")  # values <= each point
+        assert np.cumsum(s.grid_counts).tolist() == want.tolist() and s.grid_counts == grid_bins(m[:, j], grid)
+    assert a.grid_counts[100] >= 40  # the ties: in (point 99, point 100]
+    one = SeriesAccumulator(EDGES, grid=grid)
+    one.update(np.concatenate([m[:, 0], [np.nan, np.inf]]))  # non-finite values are not on the grid
+    assert one.summary().grid_counts == a.grid_counts
+    merged = merge_summaries([a, b])
+    assert merged.grid_counts == (np.asarray(a.grid_counts) + b.grid_counts).tolist()
+    assert merge_summaries([a, summarise(m[:, 1], EDGES)]).grid_counts is None  # one without: none known
+
+
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(0, 30_000), min_size=1, max_size=6), k=st.sampled_from([8, 20, 200]),
        seed=st.integers(0, 2**32 - 1))

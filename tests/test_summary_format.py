@@ -1,6 +1,7 @@
-"""Property tests (hypothesis) of window summaries: merging in any order, the version-3 binary container
-(``summary_format``) round trip, damage detection, its size, version-2 JSON summaries merging with version-3
-ones, and the fleet review counting a replayed window part once."""
+"""Property tests (hypothesis) of window summaries: merging in any order, the binary container
+(``summary_format``, versions 3 and 4) round trip, the fleet review's column reader, damage detection, its
+size, version-2 JSON summaries merging with version-3 ones, and the fleet review counting a replayed window
+part once."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from edge_runtime.contracts import (
 from edge_runtime.digest import bytes_digest, rows_digest
 from edge_runtime.store import LocalStore
 from edge_runtime.summary import KLL_K, MatrixAccumulator, SeriesAccumulator, decode_sketch, merge_summaries
-from edge_runtime.summary_format import DEFLATED, FORMAT, MAGIC, SummaryFormatError, encode
+from edge_runtime.summary_format import DEFLATED, FORMAT, MAGIC, SummaryFormatError, columns, encode
 from edge_runtime.windows import Window
 
 F32 = np.float32
@@ -182,13 +183,16 @@ REASONS = ["malformed_json", "missing", "non_finite", "wrong_shape", "bad_timest
 
 def make_window(rng: np.random.Generator, rows: int, feature_edges: list[list[float]], score_edges: list[float],
                 rejected: dict[str, int] | None = None, start: float = START, part: int = 0,
-                model: tuple[str, str] = ("m", "1.0.0")) -> tuple[Window, np.ndarray]:
+                model: tuple[str, str] = ("m", "1.0.0"), grids: list[np.ndarray] | None = None
+                ) -> tuple[Window, np.ndarray]:
     """A window of ``rows`` normal float32 records (and ``rejected`` dead letters), through the same
-    accumulators and digest as the runtime's; also the matrix of records."""
+    accumulators and digest as the runtime's; also the matrix of records. ``grids``: count on these
+    (the features', then the score's), as a device counts on its baseline's review grids."""
     names = [f"f{i}" for i in range(len(feature_edges))]
     window = Window(start=start, end=start + T_HOUR, model_name=model[0], model_version=model[1],
-                    feature_names=names, features=MatrixAccumulator(feature_edges),
-                    score=MatrixAccumulator([score_edges]), part=part)
+                    feature_names=names, features=MatrixAccumulator(feature_edges, grids=grids and grids[:-1]),
+                    score=MatrixAccumulator([score_edges], grids=grids and grids[-1:]), part=part,
+                    grid="0123456789abcdef" if grids else None)
     x = rng.normal(0, 1, (rows, len(names))).astype(F32)
     ts = start + np.sort(rng.uniform(0, T_HOUR, rows))
     score = (x.astype(np.float64) ** 2).sum(axis=1, keepdims=True).astype(F32)
@@ -232,12 +236,17 @@ SPOOL_DROPS = st.builds(SpoolDrops, summaries=COUNT, samples=COUNT, records=COUN
 SORTED_EDGES = st.lists(st.floats(-1e6, 1e6, width=32), max_size=12, unique=True).map(sorted)
 
 
-def assert_round_trips(summary: WindowSummary) -> WindowSummary:
-    data = encode(summary)
-    assert data[:4] == MAGIC and data[4] == FORMAT
-    assert encode(summary) == data  # deterministic: no gzip timestamp
+def assert_round_trips(summary: WindowSummary, version: int = FORMAT) -> WindowSummary:
+    data = encode(summary, version)
+    assert data[:4] == MAGIC and data[4] == version
+    assert encode(summary, version) == data  # deterministic: no gzip timestamp
     back = load_summary(data, "window.elws")
     want, got = summary.model_dump(), back.model_dump()
+    want["schema_version"] = version
+    if version < 4:  # version 3 has no grid counts: they are left out, and nothing else
+        want["grid"] = None
+        for series in [want["score"], *want["features"].values()]:
+            series["grid_counts"] = None
     for name in [*summary.features, None]:  # variance is stored as m2 = variance * count and divided back
         w = want["score"] if name is None else want["features"][name]
         g = got["score"] if name is None else got["features"][name]
@@ -250,7 +259,25 @@ def assert_round_trips(summary: WindowSummary) -> WindowSummary:
         again = NumericSummary.model_validate(series.model_dump())
         assert again == series
         assert all(type(getattr(again, f)) is type(getattr(series, f)) for f in NumericSummary.model_fields)
+    assert_columns_agree(data, back)
     return back
+
+
+def assert_columns_agree(data: bytes, back: WindowSummary) -> None:
+    """The review's column reader gives what the full decoder gives, for a summary counted on grids;
+    None for any other."""
+    cols = columns(data, "window.elws")
+    if back.grid is None:
+        assert cols is None
+        return
+    series = [*back.features.values(), back.score]
+    assert cols.names == [*back.features, "score"] and cols.header["grid"] == back.grid
+    assert cols.tallies.tolist() == [[s.count, s.missing, s.nan, s.inf] for s in series]
+    for row, s in zip(cols.moments.tolist(), series):
+        if s.count:
+            assert row[:3] == [s.min, s.max, s.mean] and row[3] == pytest.approx(s.variance * s.count, rel=1e-12)
+    assert cols.grid_lengths.tolist() == [len(s.grid_counts) for s in series]
+    assert cols.grid_counts.tolist() == [c for s in series for c in s.grid_counts]
 
 
 @examples(120)
@@ -259,18 +286,33 @@ def assert_round_trips(summary: WindowSummary) -> WindowSummary:
        rejected=st.dictionaries(st.sampled_from(REASONS) | TEXT, st.integers(0, 40), max_size=4),
        health=st.none() | HEALTH, instance=st.none() | st.from_regex(r"[0-9a-f]{12}", fullmatch=True) | TEXT,
        part=st.integers(0, 2**31), spool_dropped=st.none() | SPOOL_DROPS, device=TEXT.filter(bool),
-       hours=st.integers(-24 * 365 * 50, 24 * 365 * 50), seed=st.integers(0, 2**32 - 1))
+       hours=st.integers(-24 * 365 * 50, 24 * 365 * 50), seed=st.integers(0, 2**32 - 1),
+       grid_sizes=st.none() | st.lists(st.integers(0, 300), min_size=9, max_size=9),
+       version=st.sampled_from([3, 4, 4]))
 @example(n_features=6, rows=0, edges=[[-1.0, 0.0, 1.0]] * 8, score_edges=[1.0, 5.0], rejected={"missing": 5},
-         health=None, instance="0123456789ab", part=0, spool_dropped=None, device="dev-1", hours=0, seed=0)
+         health=None, instance="0123456789ab", part=0, spool_dropped=None, device="dev-1", hours=0, seed=0,
+         grid_sizes=None, version=4)
+@example(n_features=2, rows=9000, edges=[[-1.0, 0.0, 1.0]] * 8, score_edges=[1.0, 5.0], rejected={},
+         health=None, instance="0123456789ab", part=0, spool_dropped=None, device="dev-1", hours=0, seed=0,
+         grid_sizes=[258, 0, 1, 2, 3, 4, 5, 6, 270], version=4)
 def test_a_window_summary_round_trips_through_the_binary_container(
-        n_features, rows, edges, score_edges, rejected, health, instance, part, spool_dropped, device, hours, seed):
+        n_features, rows, edges, score_edges, rejected, health, instance, part, spool_dropped, device, hours, seed,
+        grid_sizes, version):
     rng = np.random.default_rng(seed)
-    window, _ = make_window(rng, rows, edges[:n_features], score_edges, rejected,
-                            start=START + hours * T_HOUR, part=part)
+    grids = None
+    if grid_sizes is not None:  # increasing float32 points, some of them where the values are dense
+        grids = [np.unique(rng.normal(0, 1.5, n).astype(F32)).astype(np.float64)
+                 for n in grid_sizes[:n_features] + grid_sizes[-1:]]
+    window, x = make_window(rng, rows, edges[:n_features], score_edges, rejected,
+                            start=START + hours * T_HOUR, part=part, grids=grids)
     summary = window.summary(device, health, instance, spool_dropped)
-    back = assert_round_trips(summary)
+    back = assert_round_trips(summary, version)
     assert back.records == rows and back.rejected == sum(rejected.values())
     assert back.score.count == rows and all(f.count == rows for f in back.features.values())
+    if grids is not None and version >= 4:  # the counts on each grid are exactly those of the values
+        for j, (name, s) in enumerate(back.features.items()):
+            at_or_below = np.searchsorted(np.sort(x[:, j]), grids[j].astype(F32), side="right")
+            assert np.cumsum(s.grid_counts).tolist() == at_or_below.tolist(), name
 
 
 def test_a_window_with_only_rejections_round_trips():
@@ -290,10 +332,13 @@ def test_a_window_with_only_rejections_round_trips():
 
 @pytest.fixture(scope="module")
 def encoded() -> list[bytes]:
-    """Encoded summaries: a small and a 5000-row window (gzipped bodies) and one whose body is not gzipped."""
+    """Encoded summaries: a small and a 5000-row window (gzipped bodies), one whose body is not gzipped, one
+    counted on grids, and one of version 3."""
     rng = np.random.default_rng(11)
     small, _ = make_window(rng, 40, [quantile_edges(rng)] * 3, [1.0, 4.0], {"missing": 2})
     large, _ = make_window(rng, 5000, [quantile_edges(rng)] * 6, quantile_edges(rng))
+    grid = np.unique(rng.normal(0, 1, 200).astype(F32)).astype(np.float64)
+    gridded, _ = make_window(rng, 3000, [quantile_edges(rng)] * 4, quantile_edges(rng), grids=[grid] * 5)
 
     def incompressible() -> NumericSummary:  # random bits, in both series: gzip saves nothing, the body stays plain
         noise = np.frombuffer(rng.bytes(8 * 700), dtype=np.float64)
@@ -304,10 +349,12 @@ def encoded() -> list[bytes]:
     raw = WindowSummary(model_name="m", model_version="1.0.0", device_id="d", window_start=START, window_end=START,
                         features={"a": incompressible()}, score=incompressible())
     out = [encode(small.summary("dev", None, "0123456789ab")), encode(large.summary("dev", None, "0123456789ab")),
-           encode(raw)]
-    assert [d[5] for d in out] == [DEFLATED, DEFLATED, 0]
+           encode(raw), encode(gridded.summary("dev", None, "0123456789ab")),
+           encode(large.summary("dev", None, "0123456789ab"), 3)]
+    assert [d[5] for d in out] == [DEFLATED, DEFLATED, 0, DEFLATED, DEFLATED]
     for data in out:
         load_summary(data, "whole.elws")  # undamaged, each reads
+    assert columns(out[3], "whole.elws") is not None  # read as columns by the review
     return out
 
 
@@ -315,6 +362,23 @@ def assert_rejected(data: bytes) -> None:
     assert issubclass(SummaryFormatError, ContractError)
     with pytest.raises(ContractError):
         load_summary(data, "damaged.elws")
+    try:  # the review's column reader: an error, or nothing to read as columns (then decoded, as above)
+        assert columns(data, "damaged.elws") is None
+    except ContractError:
+        pass
+
+
+def test_grid_counts_beyond_what_a_series_counted_are_rejected():
+    rng = np.random.default_rng(12)
+    grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
+    window, _ = make_window(rng, 100, [quantile_edges(rng)], [1.0], grids=[grid, grid])
+    summary = window.summary("dev", None, "0123456789ab")
+    summary.features["f0"].grid_counts[0] += 1000  # more values on the grid than the series holds
+    data = encode(summary)
+    with pytest.raises(ContractError, match="more values on the grid"):
+        load_summary(data, "forged.elws")
+    with pytest.raises(ContractError, match="more values on the grid"):
+        columns(data, "forged.elws")
 
 
 def test_every_truncation_is_detected(encoded):
