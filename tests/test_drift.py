@@ -64,11 +64,12 @@ class Fleet:
             self.store.put(model_key("m", "1.0.0", "manifest.json"),
                            json.dumps({"outlier": {"target_false_positive_rate": fpr}}).encode())
 
-    def add(self, device: str, values: dict[str, np.ndarray] | np.ndarray, start: datetime = T0, **kw) -> None:
+    def add(self, device: str, values: dict[str, np.ndarray] | np.ndarray, start: datetime = T0, part: int = 0,
+            instance: str = "i0", **kw) -> None:
         values = values if isinstance(values, dict) else {"f": values}
         w = window(device, values, start, edges=self.edges, grids=self.grids, **kw)
         data = encode(w) if self.grids else w.model_dump_json().encode()
-        self.store.put(summary_key("m", "1.0.0", device, start, instance="i0"), data)
+        self.store.put(summary_key("m", "1.0.0", device, start, part=part, instance=instance), data)
 
     def hourly(self, device: str, values: np.ndarray, start: datetime = T0, **kw) -> None:
         """``values`` spread over hourly windows."""
@@ -306,8 +307,8 @@ def test_a_summary_under_another_devices_key_is_not_counted(tmp_path):
     assert len(warnings) == 1 and "device=d2" in warnings[0] and "'d1'" in warnings[0]
 
 
-def test_compaction_reads_a_day_once_and_never_hides_a_late_part(tmp_path):
-    fleet = Fleet(tmp_path)
+def test_compaction_reads_a_day_once_and_never_hides_a_late_part(tmp_path, on_grid):
+    fleet = Fleet(tmp_path, on_grid=on_grid)
     rng = np.random.default_rng(13)
     for name in ("a", "b"):
         for h in range(48):  # two whole days
@@ -326,9 +327,7 @@ def test_compaction_reads_a_day_once_and_never_hides_a_late_part(tmp_path):
     same = json.dumps(to_json([plain], Thresholds()))
     assert json.dumps(to_json([compacted], Thresholds())) == same == json.dumps(to_json([again], Thresholds()))
     # a late part of a compacted day: the day is read again, and counted
-    late = window("a", {"f": rng.normal(5, 1, 300)}, T0 + timedelta(hours=30))
-    fleet.store.put(summary_key("m", "1.0.0", "a", late.window_start, part=1, instance="late"),
-                    late.model_dump_json().encode())
+    fleet.add("a", rng.normal(5, 1, 300), T0 + timedelta(hours=30), part=1, instance="late")
     after, _ = fleet.review(until=end)
     assert device(after, "a").records == device(plain, "a").records + 300
 
@@ -369,3 +368,95 @@ def test_a_summary_with_a_damaged_sketch_is_skipped_by_name_and_the_review_goes_
     assert [(d.device_id, d.windows) for d in sorted(report.devices, key=lambda d: d.device_id)] == [("d1", 1),
                                                                                                     ("d2", 1)]
     assert len(warnings) == 1 and key in warnings[0] and "damaged sketch" in warnings[0]
+
+
+# --- reading windows counted on the review grid (summary version 4) --------------------------------------
+
+
+def test_a_devices_series_compared_all_at_once_give_the_per_series_numbers():
+    rng = np.random.default_rng(15)
+    codes = rng.choice([0.0, 1.0, 2.0, 3.0], 20_000, p=[0.4, 0.3, 0.2, 0.1])
+    base = {"normal": (BASE, EDGES), "codes": (codes, [1.0, 2.0]), "wide": (RNG.normal(10, 5, 30_000), [5.0, 10.0])}
+    bases = []
+    for values, edges in base.values():
+        b = st.Profile(review_grid(summarise(values, edges)))
+        b.add_summary(summarise(values, edges))
+        bases.append(b)
+    assert len({len(b.grid) for b in bases}) == 3  # grids of three lengths: the padding is exercised
+    cases = [  # per series of the baseline: what a device might send
+        [rng.normal(0.3, 1.2, 5_000), rng.choice([0.0, 1.0, 1.5, 3.0], 4_000), rng.normal(10, 5, 3_000)],
+        [rng.normal(-9, 1, 500), np.full(300, 2.0), rng.normal(40, 1, 800)],  # beyond the ends; one point mass
+        [np.zeros(0), rng.choice([0.0, 1.0], 50), rng.normal(10, 5, 10)],  # an empty series
+    ]
+    for values in cases:
+        curs = []
+        for b, v, (_, edges) in zip(bases, values, base.values()):
+            c = st.Profile(b.grid)
+            c.add_summary(summarise(v, edges))
+            curs.append(c)
+        all_at_once = st.Comparison.of(st.Reference(bases), curs)
+        for i, (b, c) in enumerate(zip(bases, curs)):
+            one = (st.ks(b, c), st.ks_adjusted(b, c), st.psi(b, c), st.js(b, c), st.wasserstein(b, c),
+                   st.out_of_range(b, c))
+            got = (all_at_once.ks[i], all_at_once.ks_adjusted[i], all_at_once.psi[i], all_at_once.js[i],
+                   all_at_once.wasserstein[i], all_at_once.out_of_range[i])
+            assert got == pytest.approx(one, rel=1e-12, abs=1e-12), (i, got, one)
+
+
+def test_series_in_another_order_are_counted_where_they_belong(tmp_path):
+    base = {"a": BASE, "b": RNG.normal(10, 2, 50_000), SCORE_ROW: np.abs(BASE)}
+    edges = {"a": EDGES, "b": quantile_edges(base["b"])}
+    fleet = Fleet(tmp_path, base, edges=edges, on_grid=True)
+    rng = np.random.default_rng(16)
+    a, b, score = rng.normal(0.3, 1, 3_000), rng.normal(10, 2, 3_000), np.abs(rng.normal(0, 1, 3_000))
+    fleet.add("in-order", {"a": a, "b": b, SCORE_ROW: score})
+    fleet.add("reversed", {"b": b, "a": a, SCORE_ROW: score})  # the device lists its features the other way
+    report, warnings = fleet.review()
+    assert not warnings and report.windows_on_grid == 2
+    as_sent, reordered = device(report, "in-order"), device(report, "reversed")
+    assert [f.feature for f in reordered.features] == [f.feature for f in as_sent.features]
+    assert reordered.features == as_sent.features and reordered.verdict == as_sent.verdict == "drift"
+    assert reordered.drifted_features == ["a"]
+
+
+def test_a_window_counted_on_other_grids_is_read_from_its_sketches_and_a_forged_one_is_skipped(tmp_path):
+    fleet = Fleet(tmp_path, on_grid=True)
+    rng = np.random.default_rng(17)
+    fleet.add("d1", rng.normal(0, 1, 2_000))
+    # counted on another baseline's grids (an older bundle, say): its counts mean nothing here
+    other = {name: np.unique(np.concatenate([g, g + 0.25]).astype(np.float32)).astype(np.float64)
+             for name, g in fleet.grids.items()}
+    stale = window("d2", {"f": rng.normal(0, 1, 2_000)}, T0, grids=other)
+    fleet.store.put(summary_key("m", "1.0.0", "d2", T0, instance="i0"), encode(stale))
+    # counted on grids of other lengths, and claiming the baseline's: refused by name
+    forged = window("d3", {"f": rng.normal(0, 1, 2_000)}, T0, grids=other)
+    forged.grid = fleet.baseline.grid
+    key = summary_key("m", "1.0.0", "d3", T0, instance="i0")
+    fleet.store.put(key, encode(forged))
+    (report,), warnings = fleet_drift(fleet.store, last=None)
+    assert (report.windows_on_grid, report.windows_sketched) == (1, 1)
+    assert {d.device_id: d.verdict for d in report.devices} == {"d1": "ok", "d2": "ok"}
+    assert len(warnings) == 1 and key in warnings[0] and "do not fit the baseline's grids" in warnings[0]
+
+
+def test_a_fleet_of_old_and_new_devices_is_one_review(tmp_path):
+    """Devices that write version 3 (sketches only) beside devices that count on the grid: each window is
+    read its own way, and the same data gives the same verdict either way."""
+    old = Fleet(tmp_path / "old")
+    new = Fleet(tmp_path / "new", on_grid=True)
+    rng = np.random.default_rng(18)
+    for i in range(6):
+        values = rng.normal(0.3 if i % 3 == 0 else 0, 1, 4_000)
+        old.add(f"d{i}", values)
+        new.add(f"d{i}", values)
+    mixed = LocalStore(tmp_path / "mixed")
+    mixed.put(baseline_key("m", "1.0.0"), new.store.get(baseline_key("m", "1.0.0")))
+    for i in range(6):
+        source = old if i % 2 else new
+        key = next(iter(source.store.list(f"summaries/model=m/version=1.0.0/device=d{i}/")))
+        mixed.put(key, source.store.get(key))
+    (report,), _ = fleet_drift(mixed, last=None)
+    assert (report.windows_on_grid, report.windows_sketched) == (3, 3)
+    by_old, _ = old.review()
+    assert {d.device_id: d.verdict for d in report.devices} == {d.device_id: d.verdict for d in by_old.devices}
+    assert sorted(report.drifted_devices) == ["d0", "d3"]

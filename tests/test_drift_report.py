@@ -38,6 +38,9 @@ def reviewed(tmp_path_factory):
     reports, warnings = fleet_drift(LocalStore(work / "demo" / "store"), cycle_s=synthetic.CYCLE_S,
                                     until=drifted_day_end)
     assert [d.device_id for d in reports[0].devices if d.verdict == "drift"] == ["dev-02"]
+    # the devices counted every window on the registered baseline's review grids, and the review read them so
+    assert reports[0].windows_on_grid == sum(d.windows for d in reports[0].devices) > 0
+    assert reports[0].windows_sketched == 0
     return work, reports, warnings
 
 

@@ -38,6 +38,11 @@ def test_runtime_flags_outliers_summarises_windows_and_syncs(make_config, tmp_pa
     assert (first.records, second.records) == (120, 80)
     assert first.features["rpm"].count == 120
     assert first.features["rpm"].mean == pytest.approx(float(rows[:120, 5].astype(np.float64).mean()), rel=1e-6)
+    # counted on the review grid of the bundle's baseline, exactly: values at or below each point
+    rpm_grid = rt.model.feature_grids[rt.model.feature_names.index("rpm")].astype(np.float32)
+    at_or_below = np.searchsorted(np.sort(rows[:120, 5].astype(np.float32)), rpm_grid, side="right")
+    assert np.cumsum(first.features["rpm"].grid_counts).tolist() == at_or_below.tolist()
+    assert first.grid == second.grid == rt.model.grid_id and len(first.score.grid_counts) == len(rt.model.score_grid)
     assert first.outliers + second.outliers == stats.outliers
     samples = [k for k in store.list("outliers/")]
     assert samples and "r50" in {e["id"] for e in read_samples(store.get(samples[0]))}
