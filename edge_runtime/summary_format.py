@@ -13,8 +13,9 @@ of parsing 65 series and their sketches. Layout, all little-endian::
           u8 column flags (2: 64-bit counts, 16: grid counts follow)
           count, missing, nan, inf per series (u32, or u64 with flag 2)
           min, max, mean, m2 per series (f64; NaN when count is 0)
-          with flag 16: u8 width (1, 2, 4 or 8) | u32 grid length per series | the counts, series after
-          series (u<width>); the header's "grid" names the grids (``summary.grid_id``)
+          with flag 16: u8 width (1, 2, 4 or 8) | u32 grid length per series | u32 n | n bytes: the
+          counts, series after series (u<width>), deflated with flag 32 (mostly small numbers and zeros,
+          they shrink to a third or less); the header's "grid" names the grids (``summary.grid_id``)
           then per series: u8 flags (1: float sketch, 4: float32 edges) | u16 edges | edges[] (f64, or
           f32 with flag 4) | counts[edges + 1] (u32, or u64 with column flag 2) | u32 n | sketch
     version 3, per series (features in order, then the score):
@@ -55,6 +56,7 @@ _MOMENTS = struct.Struct("<dddd")
 _U8 = struct.Struct("<B")
 F32_SKETCH, WIDE_COUNTS, F32_EDGES, EXTREMES_IN_SKETCH = 1, 2, 4, 8
 GRID_COUNTS = 16  # version 4's column flag: exact counts on the review grid follow
+GRID_DEFLATED = 32  # ... deflated
 _PAIR = struct.Struct("<dd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -123,8 +125,7 @@ def _columns_v4(series: list[NumericSummary], on_grid: bool) -> list[bytes]:
     moments = np.array([(_f(s.min), _f(s.max), _f(s.mean), s.variance * s.count if s.variance is not None else nan)
                         for s in series], dtype="<f8")
     count_type = "<u8" if wide else "<u4"
-    parts = [_U8.pack((WIDE_COUNTS if wide else 0) | (GRID_COUNTS if on_grid else 0)),
-             tallies.astype(count_type).tobytes(), moments.tobytes()]
+    grid_parts, grid_flags = [], 0
     if on_grid:
         grids = [np.asarray(s.grid_counts, dtype=np.int64) for s in series]
         flat = np.concatenate(grids) if grids else np.zeros(0, np.int64)
@@ -132,8 +133,18 @@ def _columns_v4(series: list[NumericSummary], on_grid: bool) -> list[bytes]:
             raise ValueError("negative grid counts")
         top = int(flat.max()) if flat.size else 0
         width = next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
-        parts += [_U8.pack(width), np.array([len(g) for g in grids], dtype="<u4").tobytes(),
-                  flat.astype(f"<u{width}").tobytes()]
+        packed = raw = flat.astype(f"<u{width}").tobytes()
+        grid_flags = GRID_COUNTS
+        if len(raw) >= 64:
+            packed = zlib.compress(raw, 6)
+            if len(packed) < len(raw):
+                grid_flags |= GRID_DEFLATED
+            else:
+                packed = raw
+        grid_parts = [_U8.pack(width), np.array([len(g) for g in grids], dtype="<u4").tobytes(),
+                      _U32.pack(len(packed)), packed]
+    parts = [_U8.pack((WIDE_COUNTS if wide else 0) | grid_flags), tallies.astype(count_type).tobytes(),
+             moments.tobytes(), *grid_parts]
     for s, (counts, edges, f32_edges) in zip(series, hists):
         kll = s.kll or b""
         parts += [_U8.pack((F32_SKETCH if s.kll_type == "f32" else 0) | (F32_EDGES if f32_edges else 0)),
@@ -231,7 +242,7 @@ def _read_columns(body: bytes) -> Columns:
     n = len(names)
     (flags,) = _U8.unpack_from(body, pos)
     pos += 1
-    if flags & ~(WIDE_COUNTS | GRID_COUNTS):
+    if flags & ~(WIDE_COUNTS | GRID_COUNTS | GRID_DEFLATED) or (flags & GRID_DEFLATED and not flags & GRID_COUNTS):
         raise ValueError(f"unknown column flags {flags:#x}")
     width = 8 if flags & WIDE_COUNTS else 4
     tallies = _array(body, f"<u{width}", 4 * n, pos).reshape(n, 4).astype(np.int64)
@@ -246,8 +257,16 @@ def _read_columns(body: bytes) -> Columns:
         lengths = _array(body, "<u4", n, pos + 1).astype(np.int64)
         pos += 1 + 4 * n
         total = int(lengths.sum())
-        counts = _array(body, f"<u{grid_width}", total, pos).astype(np.int64)
-        pos += grid_width * total
+        (stored,) = _U32.unpack_from(body, pos)
+        pos += 4
+        packed = body[pos:pos + stored]
+        if len(packed) != stored:
+            raise ValueError("grid counts cut short")
+        pos += stored
+        raw = _inflate(packed, grid_width * total) if flags & GRID_DEFLATED else packed
+        if len(raw) != grid_width * total:
+            raise ValueError(f"{len(raw)} bytes of grid counts for {total} points")
+        counts = np.frombuffer(raw, dtype=f"<u{grid_width}").astype(np.int64)
         running = np.concatenate([[0], np.cumsum(counts)])
         ends = np.cumsum(lengths)
         if np.any(running[ends] - running[ends - lengths] > tallies[:, 0]):
@@ -255,6 +274,15 @@ def _read_columns(body: bytes) -> Columns:
         if not isinstance(header.get("grid"), str):
             raise ValueError("grid counts without the grid they are on")
     return Columns(header, names, tallies, moments, lengths, counts, pos, bool(flags & WIDE_COUNTS))
+
+
+def _inflate(packed: bytes, size: int) -> bytes:
+    """Deflated bytes that must come to ``size``: a forged stream cannot make more of them."""
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(packed, size)
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise ValueError("grid counts do not inflate to their size")
+    return raw
 
 
 def _array(body: bytes, dtype: str, count: int, offset: int) -> np.ndarray:

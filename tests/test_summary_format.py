@@ -468,11 +468,19 @@ def test_well_framed_bodies_that_break_the_parser_are_contract_errors(data):
 
 
 def test_encoded_size_beats_the_goals():
+    from edge_runtime.summary import review_grid, summarise
+
     rng = np.random.default_rng(21)
     edges = [quantile_edges(rng) for _ in range(6)]
-    big, _ = make_window(rng, 10_000, edges, quantile_edges(rng))
-    data = encode(big.summary("dev-1", None, "0123456789ab"))
+    training = rng.normal(0, 1, 20_000)
+    grids = [review_grid(summarise(training, e)) for e in edges]  # as the device counts: on review grids
+    score_grid = review_grid(summarise(training ** 2 * 6, edges[0]))
+    big, _ = make_window(rng, 10_000, edges, quantile_edges(rng), grids=[*grids, score_grid])
+    summary = big.summary("dev-1", None, "0123456789ab")
+    assert summary.grid and all(len(s.grid_counts) > 250 for s in summary.features.values())
+    data = encode(summary)
     assert len(data) <= 3000 * 7, f"{len(data)} bytes: {len(data) / 7:.0f} per series (features + score)"
+    assert len(data) <= 1.12 * len(encode(summary, 3))  # the exact counts cost about a tenth more
 
     small, x = make_window(rng, 60, edges, quantile_edges(rng))
     data = encode(small.summary("dev-1", None, "0123456789ab"))
