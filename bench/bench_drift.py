@@ -1,17 +1,20 @@
 """The fleet review at scale: device-window summaries x 64 features, time and peak memory.
 
     .venv/bin/python bench/bench_drift.py [--devices 1000] [--windows 10] [--features 64] [--workers 8]
+                                          [--dask N] [--no-v3]
 
-Writes ``devices x windows`` version-3 summaries (hourly windows of 1,000 rows, 64 features, as
-devices write them) to a local store, then, each in a fresh process so peak memory is its own:
+Writes ``devices x windows`` version-4 summaries (hourly windows of 1,000 rows, 64 features, as
+devices write them: counted on the baseline's review grids) to a local store, then, each in a fresh
+process so peak memory is its own:
 
-1. baseline: read and decode every summary (``load_summary``), nothing else: the least a review
-   that looks at every summary can cost;
+1. baseline: read and decode every summary (``load_summary``), nothing else;
 2. review: ``fleet_drift`` over the whole history (profiles, tests, verdicts for every device);
 3. with ``--dask N``: the same review on a Dask LocalCluster of N worker processes (start-up
    excluded; memory is the driver's);
 4. compaction: the review writing a roll-up per whole device-day (``--compact``), then the same
-   review again, which reads the roll-ups (with ``--windows 24`` every device has a whole day).
+   review again, which reads the roll-ups (with ``--windows 24`` every device has a whole day);
+5. unless ``--no-v3``: the same windows written as version 3 (sketches only, as devices before
+   version 4 write them), decoded and reviewed: the review as it was, measured in the same run.
 
 Prints one JSON document; docs/benchmarks.md records the runs.
 """
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--dask", type=int, default=0, help="also review on a LocalCluster of this many workers")
+    parser.add_argument("--no-v3", action="store_true", help="skip the version-3 store")
     parser.add_argument("--child")
     parser.add_argument("--root")
     args = parser.parse_args()
@@ -130,6 +134,12 @@ def main() -> None:
         dask = run_child("dask", root, args.workers, args.dask) if args.dask else None
         compact = run_child("compact", root, args.workers)
         warm = run_child("review", root, args.workers)
+        old = {}
+        if not args.no_v3:
+            root3 = Path(tmp) / "store-v3"
+            make_store(root3, args.devices, args.windows, args.features, version=3)
+            old = {"decode": run_child("decode", root3, args.workers),
+                   "review": run_child("review", root3, args.workers)}
     n = args.devices * args.windows
     print(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "summaries": n, "features": args.features,
@@ -144,6 +154,9 @@ def main() -> None:
         "compacting_review_s": round(compact["seconds"], 2),
         "review_from_rollups_s": round(warm["seconds"], 2), "rollups_peak_mb": round(warm["peak_mb"]),
         "rollups_x_decode": round(warm["seconds"] / decode["seconds"], 3),
+        **({"v3_decode_s": round(old["decode"]["seconds"], 2), "v3_review_s": round(old["review"]["seconds"], 2),
+            "v3_review_peak_mb": round(old["review"]["peak_mb"]),
+            "review_x_v3_review": round(review["seconds"] / old["review"]["seconds"], 3)} if old else {}),
     }, indent=1))
 
 

@@ -46,7 +46,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def _window_summary(n_rows: int, n_features: int, seed: int = 0):
-    from edge_runtime.summary import MatrixAccumulator
+    """A window as a device builds it: histograms on the baseline's edges, counts on its review grids."""
+    from edge_runtime.summary import MatrixAccumulator, review_grid, summarise
     from edge_runtime.windows import Window
 
     rng = np.random.default_rng(seed)
@@ -54,9 +55,11 @@ def _window_summary(n_rows: int, n_features: int, seed: int = 0):
     from cloud.train import quantile_edges
 
     edges = [quantile_edges(base[:, j]) for j in range(n_features)]
+    grids = [review_grid(summarise(base[:, j], edges[j])) for j in range(n_features)]
     names = [f"f{j:02d}" for j in range(n_features)]
     w = Window(start=T0, end=T0 + 60, model_name="m", model_version="1.0.0", feature_names=names,
-               features=MatrixAccumulator(edges), score=MatrixAccumulator([edges[0]]))
+               features=MatrixAccumulator(edges, grids=grids), score=MatrixAccumulator([edges[0]], grids=grids[:1]),
+               grid="0123456789abcdef")
     X = rng.normal(size=(n_rows, n_features)).astype(np.float32)
     w.features.update(X)
     w.score.update(rng.normal(size=(n_rows, 1)).astype(np.float32))
@@ -83,19 +86,21 @@ def bench_size() -> dict:
     for f in (6, 64):
         w, _, _ = _window_summary(10_000, f)
         s = w.summary("bench", None, "0123456789ab")
-        v3 = len(encode(s))
-        v2 = len(s.model_dump_json())
-        out[f"10k_rows_{f}_features"] = {"v3_bytes_per_series": round(v3 / (f + 1)),
+        v4, v3 = len(encode(s)), len(encode(s, 3))
+        v2 = len(s.model_dump_json(exclude={"grid": True, "features": {"__all__": {"grid_counts"}},
+                                            "score": {"grid_counts"}}))
+        out[f"10k_rows_{f}_features"] = {"v4_bytes_per_series": round(v4 / (f + 1)),
+                                          "v3_bytes_per_series": round(v3 / (f + 1)),
                                           "v2_json_bytes_per_series": round(v2 / (f + 1)),
-                                          "v3_vs_v2": round(v3 / v2, 3)}
+                                          "v4_vs_v2": round(v4 / v2, 3), "v4_vs_v3": round(v4 / v3, 3)}
     for rate_per_s in (0.1, 1, 10, 100):
         n = max(int(60 * rate_per_s), 1)
         w, X, names = _window_summary(n, 6)
-        v3 = len(encode(w.summary("bench", _HEALTH, "0123456789ab")))  # with a health header, as a device writes
+        v4 = len(encode(w.summary("bench", _HEALTH, "0123456789ab")))  # with a health header, as a device writes
         raw = sum(len(json.dumps({"ts": T0 + i, **dict(zip(names, map(float, row)))})) + 1
                   for i, row in enumerate(X))
-        out[f"60s_window_{rate_per_s}_per_s_6_features"] = {"records": n, "summary_bytes": v3, "raw_json_bytes": raw,
-                                                            "summary_vs_raw": round(v3 / raw, 3)}
+        out[f"60s_window_{rate_per_s}_per_s_6_features"] = {"records": n, "summary_bytes": v4, "raw_json_bytes": raw,
+                                                            "summary_vs_raw": round(v4 / raw, 3)}
     return out
 
 
