@@ -89,9 +89,11 @@ def child(mode: str, root: str, workers: int, dask_workers: int = 0) -> None:
     store = LocalStore(root)
     client = None
     if mode == "dask":
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        client = Client(LocalCluster(n_workers=dask_workers, threads_per_worker=1, dashboard_address=None))
+        from cloud.drift import local_cluster
+
+        client = Client(local_cluster(dask_workers))
     start = time.perf_counter()
     if mode == "decode":
         n = sum(1 for key in store.list(SUMMARY_PREFIX) if load_summary(store.get(key), key))

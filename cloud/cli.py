@@ -404,11 +404,13 @@ def _read_cohorts(path: str) -> dict[str, str]:
 def _dask_client(address: str):
     """A Dask client: ``local`` or ``local:N`` starts a LocalCluster of N worker processes here;
     anything else is a scheduler's address (``tcp://host:8786``)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from .drift import local_cluster
 
     if address.startswith("local"):
         workers = int(address.partition(":")[2] or os.cpu_count() or 2)
-        return Client(LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None))
+        return Client(local_cluster(workers))
     return Client(address)
 
 

@@ -593,6 +593,24 @@ def _shares(chosen: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[st
     return shares + ([share] if share else [])
 
 
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting it also fixes glibc's mmap
+# threshold at 128 KB, so the review's summary-sized buffers and per-device arrays are given back to
+# the system and faulted in again nearly every time: the review ran at half speed on such workers
+# (docs/benchmarks.md). Workers this module starts get these; docs/drift.md says how to set them on
+# a cluster of your own.
+DASK_WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": 128 << 20, "MALLOC_MMAP_THRESHOLD_": 16 << 20}
+
+
+def local_cluster(workers: int):
+    """A Dask LocalCluster of ``workers`` one-thread worker processes, set up for the review."""
+    import dask
+    from distributed import LocalCluster
+
+    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in DASK_WORKER_ENV.items()}
+    with dask.config.set(environ):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+
+
 def _on_dask(client, store, plan: Plan, shares, workers: int, tick, compact: bool = False) -> list[Partial]:
     """One task per share on a Dask cluster; each opens the store itself (a URL travels, a
     connection does not). Results come back in share order."""
