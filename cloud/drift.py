@@ -707,13 +707,13 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     except ValueError as err:
         warnings.append(f"summary skipped: {key}: a damaged sketch ({err})")
         return None
-    profiles = _bucket(state, s, plan, grids)
-    try:
-        for name, summary in [*s.features.items(), (SCORE_ROW, s.score)]:
-            profiles[name].add_summary(summary, layouts.get(name), on_grid)
-    except ValueError as err:  # grid counts that do not fit: checked before any is added
-        warnings.append(f"summary skipped: {key}: {err}")
+    series = [*s.features.items(), (SCORE_ROW, s.score)]
+    if on_grid and not all(st.fits_grid(x, grids[name]) for name, x in series):
+        warnings.append(f"summary skipped: {key}: grid counts that do not fit the baseline's grids")
         return None
+    profiles = _bucket(state, s, plan, grids)
+    for name, summary in series:
+        profiles[name].add_summary(summary, layouts.get(name), on_grid)
     _count_window(state, s, hours, ((n, x.count, x.mean) for n, x in s.features.items()))
     return "sketched" if not on_grid else "on grid"
 

@@ -112,9 +112,9 @@ class Profile:
         if not s.count:
             return
         if on_grid and s.grid_counts is not None:
-            mass = np.cumsum(np.asarray(s.grid_counts, dtype=np.int64))
-            if len(mass) != len(self.grid) or (len(mass) and mass[-1] > s.count) or (len(mass) and mass.min() < 0):
+            if not fits_grid(s, self.grid):
                 raise ValueError("grid counts that do not fit the grid or the series")
+            mass = np.cumsum(np.asarray(s.grid_counts, dtype=np.int64))
             self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, 0.0, s.min, s.max)
             return
         if s.kll and s.kll_type == "f32" and layout is None:
@@ -163,6 +163,15 @@ class Profile:
     def present_rate(self) -> float:
         seen = self.count + self.missing + self.nonfinite
         return self.count / seen if seen else 1.0
+
+
+def fits_grid(s: NumericSummary, grid: np.ndarray) -> bool:
+    """The series' grid counts (if any) can be counts on ``grid``: one per point, none negative, no
+    more than the series counted."""
+    if s.grid_counts is None:
+        return True
+    counts = np.asarray(s.grid_counts, dtype=np.int64)
+    return len(counts) == len(grid) and not (counts < 0).any() and int(counts.sum()) <= s.count
 
 
 def add_columns(profiles: list[Profile], offsets: np.ndarray, tallies: np.ndarray, moments: np.ndarray,
@@ -415,11 +424,9 @@ def benjamini_hochberg(pvalues: list[float]) -> list[float]:
     n = len(pvalues)
     if not n:
         return []
-    order = sorted(range(n), key=lambda i: (pvalues[i], i))
-    q = [0.0] * n
-    running = 1.0
-    for rank in range(n, 0, -1):
-        i = order[rank - 1]
-        running = min(running, pvalues[i] * n / rank)
-        q[i] = running
-    return q
+    p = np.asarray(pvalues, dtype=np.float64)
+    order = np.argsort(p, kind="stable")  # ties in input order
+    ranked = p[order] * n / np.arange(1, n + 1)
+    q = np.empty(n)
+    q[order] = np.minimum.accumulate(np.minimum(ranked, 1.0)[::-1])[::-1]
+    return q.tolist()

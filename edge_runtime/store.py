@@ -94,13 +94,24 @@ class LocalStore:
         (self.root / _check_key(key)).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        if not self.root.is_dir():
+        """Keys under ``prefix``, in path order; only the folder the prefix names is walked (a
+        review lists 10,000 summaries beside the rest of a store)."""
+        folder = prefix.rpartition("/")[0]
+        top = self.root / folder if folder else self.root
+        if not top.is_dir() or ".." in folder.split("/"):
             return
-        for path in sorted(self.root.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):  # temp files, local state
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    yield key
+        keys = []
+        pending = [(top, f"{folder}/" if folder else "")]
+        while pending:
+            path, rel = pending.pop()
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    key = rel + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((Path(entry.path), key + "/"))
+                    elif not entry.name.startswith(".") and entry.is_file() and key.startswith(prefix):
+                        keys.append(key)  # not temp files, nor local state
+        yield from sorted(keys, key=lambda k: k.split("/"))
 
 
 def fsync_dir(path: Path) -> None:

@@ -234,6 +234,8 @@ def _header(body: bytes) -> tuple[dict, list[str], int]:
     names = header.pop("series", None)
     if not isinstance(names, list) or not names or names[-1] != SCORE:
         raise ValueError("no score series")
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError("series names that are not distinct strings")
     return header, names, 4 + head_len
 
 
@@ -249,6 +251,8 @@ def _read_columns(body: bytes) -> Columns:
     pos += 4 * n * width
     moments = _array(body, "<f8", 4 * n, pos).reshape(n, 4)
     pos += 32 * n
+    if not np.isfinite(moments[tallies[:, 0] > 0]).all():
+        raise ValueError("a series with values but non-finite moments")
     lengths = counts = None
     if flags & GRID_COUNTS:
         (grid_width,) = _U8.unpack_from(body, pos)

@@ -433,10 +433,13 @@ def test_a_window_counted_on_other_grids_is_read_from_its_sketches_and_a_forged_
     forged.grid = fleet.baseline.grid
     key = summary_key("m", "1.0.0", "d3", T0, instance="i0")
     fleet.store.put(key, encode(forged))
+    as_json = summary_key("m", "1.0.0", "d4", T0, instance="i0")  # the same, as JSON: the other reader
+    fleet.store.put(as_json, forged.model_copy(update={"device_id": "d4"}).model_dump_json().encode())
     (report,), warnings = fleet_drift(fleet.store, last=None)
     assert (report.windows_on_grid, report.windows_sketched) == (1, 1)
     assert {d.device_id: d.verdict for d in report.devices} == {"d1": "ok", "d2": "ok"}
-    assert len(warnings) == 1 and key in warnings[0] and "do not fit the baseline's grids" in warnings[0]
+    assert len(warnings) == 2 and all("do not fit the baseline's grids" in w for w in warnings)
+    assert key in warnings[0] and as_json in warnings[1]
 
 
 def test_a_fleet_of_old_and_new_devices_is_one_review(tmp_path):

@@ -368,6 +368,21 @@ def assert_rejected(data: bytes) -> None:
         pass
 
 
+def test_well_framed_bodies_with_bad_series_names_or_moments_are_rejected():
+    window, _ = make_window(np.random.default_rng(13), 50, [[0.0], [0.0]], [1.0])
+    summary = window.summary("dev", None, "0123456789ab")
+    body = zlib.decompress(encode(summary)[16:])
+    (head_len,) = struct.unpack_from("<I", body)
+    header = json.loads(body[4:4 + head_len])
+    for names in (["f0", "f0", "score"], ["f0", 1, "score"], ["f0", ["f1"], "score"]):
+        head = json.dumps({**header, "series": names}).encode()
+        assert_rejected(framed(struct.pack("<I", len(head)) + head + body[4 + head_len:]))
+    moments_at = 4 + head_len + 1 + 3 * 16  # after the column flags and the tallies of 3 series
+    bad = bytearray(body)
+    struct.pack_into("<d", bad, moments_at + 16, math.nan)  # the first series' mean
+    assert_rejected(framed(bytes(bad)))
+
+
 def test_grid_counts_beyond_what_a_series_counted_are_rejected():
     rng = np.random.default_rng(12)
     grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
