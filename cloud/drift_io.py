@@ -11,13 +11,13 @@ names its format; a reader refuses one it does not know rather than guess.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 
 import numpy as np
+import orjson
 
 from . import drift_stats as st
 from .drift import Check, DeviceDrift, FeatureDrift, Partial, Plan, Thresholds, _Device
@@ -202,9 +202,11 @@ def partial_from_json(doc: dict) -> Partial:
 
 
 def dumps(doc: dict) -> bytes:
-    """Strict JSON (no NaN or Infinity tokens), compact."""
-    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    """Strict JSON, compact. orjson writes the same shortest round-trip floats as ``json``, several
+    times faster (a roll-up is a few hundred KB). It would write a non-finite float as null: every
+    float reaches it through ``_value`` or ``_array``, which tag those."""
+    return orjson.dumps(doc)
 
 
 def loads(data: bytes) -> dict:
-    return json.loads(data)
+    return orjson.loads(data)
