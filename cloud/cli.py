@@ -296,7 +296,7 @@ def _iam_policy(args) -> int:
 def _fleet_drift(args) -> int:
     from datetime import datetime, timezone
 
-    from cloud.drift import Thresholds, fleet_drift, format_table, parse_span, to_json
+    from cloud.drift import Thresholds, dumps, fleet_drift, format_table, parse_span, to_json
     from edge_runtime.contracts import load_summary
     from edge_runtime.store import open_store
 
@@ -348,7 +348,7 @@ def _fleet_drift(args) -> int:
         print()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(to_json(reports, thresholds), indent=1))
+        Path(args.json).write_bytes(dumps(to_json(reports, thresholds)))
         print(f"drift JSON written to {args.json}")
     if args.model_monitor:
         from cloud import model_monitor

@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud import synthetic
 from cloud.components import build_model, project_root, read_gdk_config
-from cloud.drift import Thresholds, fleet_drift, format_table, to_json
+from cloud.drift import Thresholds, dumps, fleet_drift, format_table, to_json
 from cloud.registry import register
 from cloud.retrain import retrain
 from cloud.train import train
@@ -98,7 +98,7 @@ def run_demo(workdir: str | Path = "edgeloop-demo", devices: int = 5, rows: int 
     for w in warnings:
         echo(f"      warning: {w}")
     drift_json = work / "drift.json"
-    drift_json.write_text(json.dumps(to_json(reports, thresholds), indent=1))
+    drift_json.write_bytes(dumps(to_json(reports, thresholds)))
 
     echo("[6/8] review")
     for report in reports:

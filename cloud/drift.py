@@ -33,7 +33,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -948,23 +948,38 @@ def _device_verdict(d: DeviceDrift) -> None:
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def _plain(value):
+    """JSON's types, in one pass (``dataclasses.asdict`` deep-copies every value first: most of the
+    time of writing a thousand devices' results): non-finite floats as null, times as ISO text."""
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return _plain(value.item())
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+    raise TypeError(f"cannot write {type(value).__name__} in a drift review")
 
 
 def to_json(reports: list[ModelDrift], thresholds: Thresholds) -> dict:
-    return _clean({
-        "thresholds": asdict(thresholds),
-        "models": [{**asdict(r), "drifted_devices": r.drifted_devices} for r in reports],
-    })
+    return {
+        "thresholds": _plain(thresholds),
+        "models": [{**_plain(r), "drifted_devices": r.drifted_devices} for r in reports],
+    }
+
+
+def dumps(doc: dict) -> bytes:
+    """A review's JSON document as text (indented), as ``--json`` and the demo write it."""
+    import orjson
+
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
 
 def format_table(report: ModelDrift, features: bool = True, limit: int | None = None) -> str:
