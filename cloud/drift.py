@@ -715,7 +715,7 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     for name, summary in series:
         profiles[name].add_summary(summary, layouts.get(name), on_grid)
     _count_window(state, s, hours, ((n, x.count, x.mean) for n, x in s.features.items()))
-    return "sketched" if not on_grid else "on grid"
+    return "on grid" if on_grid and all(x.grid_counts is not None for _, x in series) else "sketched"
 
 
 def _take_columns(state: _Device, key: str, cols: summary_format.Columns, plan: Plan, grids, seen, warnings,

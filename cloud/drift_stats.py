@@ -105,8 +105,9 @@ class Profile:
     def add_summary(self, s: NumericSummary, layout: SketchLayout | None = None, on_grid: bool = False) -> None:
         """Add one window's series. ``layout``: its float sketch's, if the caller has read (and so
         checked) it already; otherwise it is read here, and ValueError says the sketch is damaged.
-        ``on_grid``: the summary's grid counts are on this profile's grid (its ``grid`` names the
-        baseline's grids): they are added as they are, exact, and the sketch is not read."""
+        ``on_grid``: the summary was counted on this profile's grid (its ``grid`` names the
+        baseline's grids): its grid counts are added as they are, exact, and the sketch is not read;
+        a short window's, left out, come from its sketch, which holds every value."""
         self.missing += s.missing
         self.nonfinite += s.nonfinite
         if not s.count:
@@ -127,7 +128,12 @@ class Profile:
                 self.settle()
         else:
             mass, k = self._sketch_mass(s)
-        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, rank_error(k) * s.count, s.min, s.max)
+        # a sketch that holds every value is exact; its error is charged anyway, unless the window
+        # comes from a device that counts larger windows on the grid (``on_grid``): then every
+        # window is exact, however large, and more data never makes the adjusted distance smaller
+        exact = on_grid and layout is not None and layout.n == sum(layout.sizes)
+        error = 0.0 if exact else rank_error(k) * s.count
+        self._add(s.count, s.mean or 0.0, (s.variance or 0.0) * s.count, mass, error, s.min, s.max)
 
     def _sketch_mass(self, s: NumericSummary) -> tuple[np.ndarray, int]:
         """count x the window's CDF at every grid point, and its sketch's k. count x CDF is a sum of

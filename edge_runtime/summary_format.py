@@ -10,12 +10,14 @@ of parsing 65 series and their sketches. Layout, all little-endian::
     magic "ELWS" | u8 format | u8 flags (1: body deflated) | u16 0 | u32 body length | u32 CRC-32 of body
     body: u32 header length | header (JSON: the summary without its series, plus "series": names)
     version 4, then:
-          u8 column flags (2: 64-bit counts, 16: grid counts follow)
+          u8 column flags (2: 64-bit counts, 4: float32 extremes, 16: grid counts follow)
           count, missing, nan, inf per series (u32, or u64 with flag 2)
-          min, max, mean, m2 per series (f64; NaN when count is 0)
-          with flag 16: u8 width (1, 2, 4 or 8) | u32 grid length per series | u32 n | n bytes: the
-          counts, series after series (u<width>), deflated with flag 32 (mostly small numbers and zeros,
-          they shrink to a third or less); the header's "grid" names the grids (``summary.grid_id``)
+          min, max, mean, m2 per series (f64; NaN when count is 0); with flag 4, every series' min
+          and max first (f32, as device values are), then mean and m2
+          with flag 16: u8 flags (1: deflated) | u8 width (1, 2, 4 or 8) | u32 grid length per series |
+          u32 n | n bytes: the counts, series after series (u<width>); the header's "grid" names the
+          grids (``summary.grid_id``). Mostly small numbers and zeros, they are deflated on their own
+          (to a fifth) when the body is too large to be deflated whole
           then per series: u8 flags (1: float sketch, 4: float32 edges) | u16 edges | edges[] (f64, or
           f32 with flag 4) | counts[edges + 1] (u32, or u64 with column flag 2) | u32 n | sketch
     version 3, per series (features in order, then the score):
@@ -42,7 +44,7 @@ import numpy as np
 import orjson
 
 from .contracts import ContractError, NumericSummary, WindowSummary
-from .summary import kll_extremes
+from .summary import kll_extremes, kll_layout
 
 MAGIC = b"ELWS"
 FORMAT = 4  # written; 3 is still read
@@ -55,8 +57,9 @@ _NARROW = struct.Struct("<IIII")
 _MOMENTS = struct.Struct("<dddd")
 _U8 = struct.Struct("<B")
 F32_SKETCH, WIDE_COUNTS, F32_EDGES, EXTREMES_IN_SKETCH = 1, 2, 4, 8
+F32_EXTREMES = 4  # version 4's column flag: every min and max is a float32 value, stored as one
 GRID_COUNTS = 16  # version 4's column flag: exact counts on the review grid follow
-GRID_DEFLATED = 32  # ... deflated
+GRID_DEFLATED = 1  # the grid block's flag: its counts are deflated (a body too large to deflate whole)
 _PAIR = struct.Struct("<dd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -76,25 +79,41 @@ def encode(summary: WindowSummary, version: int = FORMAT) -> bytes:
     if version not in FORMATS:
         raise ValueError(f"summary format {version} is not one this writer knows {FORMATS}")
     series = [*summary.features.values(), summary.score]
-    on_grid = version >= 4 and bool(summary.grid) and all(s.grid_counts is not None for s in series)
+    gridded = version >= 4 and bool(summary.grid)
+    # the counts are left out where every sketch still holds each of its values (a short window): the
+    # review reads the same exact counts off the sketches, and the window stays no larger than its data
+    on_grid = gridded and all(s.grid_counts is not None for s in series) and not all(map(_exact_sketch, series))
     header = summary.model_dump(mode="json", exclude={"features", "score", "grid"}, exclude_defaults=True)
     header["schema_version"] = version
     header["series"] = [*summary.features, SCORE]
-    if on_grid:
+    if gridded:
         header["grid"] = summary.grid
     head = orjson.dumps(header)
-    parts = [_U32.pack(len(head)), head]
-    if version == 3:
-        parts += [_series_v3(s) for s in series]
-    else:
-        parts += _columns_v4(series, on_grid)
+    columns = [_series_v3(s) for s in series] if version == 3 else _columns_v4(series, on_grid)
+    parts = [_U32.pack(len(head)), head, *columns]
     body = b"".join(parts)
     flags = 0
     if len(body) <= DEFLATE_MAX:  # a large body is mostly sketches, which do not compress; not worth the time
         packed = zlib.compress(body, 9)
         if len(packed) <= 0.9 * len(body):
             body, flags = packed, DEFLATED
+    elif on_grid:  # the grid counts alone, then: mostly small numbers and zeros, a fifth of their size
+        columns[GRID_PART] = _grid_block(series, deflate=True)
+        body = b"".join([_U32.pack(len(head)), head, *columns])
     return _PREAMBLE.pack(MAGIC, version, flags, 0, len(body), zlib.crc32(body)) + body
+
+
+def _exact_sketch(s: NumericSummary) -> bool:
+    """The series' float sketch holds every value it summarised, each once (or there are none)."""
+    if not s.count:
+        return True
+    if not s.kll or s.kll_type != "f32":
+        return False
+    try:
+        layout = kll_layout(s.kll)
+    except ValueError:
+        return False
+    return layout.n == s.count == sum(layout.sizes)
 
 
 def _tallies(s: NumericSummary) -> tuple[int, int, int, int]:
@@ -117,6 +136,9 @@ def _edges_bytes(edges: np.ndarray, f32: bool) -> bytes:
     return (edges.astype("<f4") if f32 else edges).tobytes()
 
 
+GRID_PART = 3  # where ``_columns_v4`` puts the grid block: after the flags, tallies and moments
+
+
 def _columns_v4(series: list[NumericSummary], on_grid: bool) -> list[bytes]:
     tallies = np.array([_tallies(s) for s in series], dtype=np.int64)
     hists = [_hist(s) for s in series]
@@ -125,32 +147,40 @@ def _columns_v4(series: list[NumericSummary], on_grid: bool) -> list[bytes]:
     moments = np.array([(_f(s.min), _f(s.max), _f(s.mean), s.variance * s.count if s.variance is not None else nan)
                         for s in series], dtype="<f8")
     count_type = "<u8" if wide else "<u4"
-    grid_parts, grid_flags = [], 0
-    if on_grid:
-        grids = [np.asarray(s.grid_counts, dtype=np.int64) for s in series]
-        flat = np.concatenate(grids) if grids else np.zeros(0, np.int64)
-        if flat.size and flat.min() < 0:
-            raise ValueError("negative grid counts")
-        top = int(flat.max()) if flat.size else 0
-        width = next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
-        packed = raw = flat.astype(f"<u{width}").tobytes()
-        grid_flags = GRID_COUNTS
-        if len(raw) >= 64:
-            packed = zlib.compress(raw, 6)
-            if len(packed) < len(raw):
-                grid_flags |= GRID_DEFLATED
-            else:
-                packed = raw
-        grid_parts = [_U8.pack(width), np.array([len(g) for g in grids], dtype="<u4").tobytes(),
-                      _U32.pack(len(packed)), packed]
-    parts = [_U8.pack((WIDE_COUNTS if wide else 0) | grid_flags), tallies.astype(count_type).tobytes(),
-             moments.tobytes(), *grid_parts]
+    with np.errstate(over="ignore"):  # device values are float32: so are their extremes, in half the bytes
+        extremes32 = moments[:, :2].astype("<f4")
+    f32_extremes = bool(np.array_equal(extremes32.astype("<f8"), moments[:, :2], equal_nan=True))
+    parts = [_U8.pack((WIDE_COUNTS if wide else 0) | (GRID_COUNTS if on_grid else 0)
+                      | (F32_EXTREMES if f32_extremes else 0)),
+             tallies.astype(count_type).tobytes(),
+             extremes32.tobytes() + moments[:, 2:].tobytes() if f32_extremes else moments.tobytes(),
+             _grid_block(series, deflate=False) if on_grid else b""]
     for s, (counts, edges, f32_edges) in zip(series, hists):
         kll = s.kll or b""
         parts += [_U8.pack((F32_SKETCH if s.kll_type == "f32" else 0) | (F32_EDGES if f32_edges else 0)),
                   _U16.pack(len(edges)), _edges_bytes(edges, f32_edges), counts.astype(count_type).tobytes(),
                   _U32.pack(len(kll)), kll]
     return parts
+
+
+def _grid_block(series: list[NumericSummary], deflate: bool) -> bytes:
+    """u8 flags (1: deflated) | u8 width | u32 grid length per series | u32 n | n bytes of counts."""
+    grids = [np.asarray(s.grid_counts, dtype=np.int64) for s in series]
+    flat = np.concatenate(grids) if grids else np.zeros(0, np.int64)
+    if flat.size and flat.min() < 0:
+        raise ValueError("negative grid counts")
+    top = int(flat.max()) if flat.size else 0
+    width = next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
+    packed = raw = flat.astype(f"<u{width}").tobytes()
+    flags = 0
+    if deflate and len(raw) >= 64:
+        packed = zlib.compress(raw, 6)
+        if len(packed) < len(raw):
+            flags |= GRID_DEFLATED
+        else:
+            packed = raw
+    return b"".join((_U8.pack(flags), _U8.pack(width), np.array([len(g) for g in grids], dtype="<u4").tobytes(),
+                     _U32.pack(len(packed)), packed))
 
 
 def _series_v3(s: NumericSummary) -> bytes:
@@ -244,22 +274,28 @@ def _read_columns(body: bytes) -> Columns:
     n = len(names)
     (flags,) = _U8.unpack_from(body, pos)
     pos += 1
-    if flags & ~(WIDE_COUNTS | GRID_COUNTS | GRID_DEFLATED) or (flags & GRID_DEFLATED and not flags & GRID_COUNTS):
+    if flags & ~(WIDE_COUNTS | GRID_COUNTS | F32_EXTREMES):
         raise ValueError(f"unknown column flags {flags:#x}")
     width = 8 if flags & WIDE_COUNTS else 4
     tallies = _array(body, f"<u{width}", 4 * n, pos).reshape(n, 4).astype(np.int64)
     pos += 4 * n * width
-    moments = _array(body, "<f8", 4 * n, pos).reshape(n, 4)
-    pos += 32 * n
+    if flags & F32_EXTREMES:
+        moments = np.empty((n, 4))
+        moments[:, :2] = _array(body, "<f4", 2 * n, pos).reshape(n, 2)
+        moments[:, 2:] = _array(body, "<f8", 2 * n, pos + 8 * n).reshape(n, 2)
+        pos += 24 * n
+    else:
+        moments = _array(body, "<f8", 4 * n, pos).reshape(n, 4)
+        pos += 32 * n
     if not np.isfinite(moments[tallies[:, 0] > 0]).all():
         raise ValueError("a series with values but non-finite moments")
     lengths = counts = None
     if flags & GRID_COUNTS:
-        (grid_width,) = _U8.unpack_from(body, pos)
-        if grid_width not in (1, 2, 4, 8):
-            raise ValueError(f"grid counts of {grid_width} bytes")
-        lengths = _array(body, "<u4", n, pos + 1).astype(np.int64)
-        pos += 1 + 4 * n
+        grid_flags, grid_width = body[pos], body[pos + 1]
+        if grid_flags & ~GRID_DEFLATED or grid_width not in (1, 2, 4, 8):
+            raise ValueError(f"grid counts of flags {grid_flags:#x} and {grid_width} bytes")
+        lengths = _array(body, "<u4", n, pos + 2).astype(np.int64)
+        pos += 2 + 4 * n
         total = int(lengths.sum())
         (stored,) = _U32.unpack_from(body, pos)
         pos += 4
@@ -267,7 +303,7 @@ def _read_columns(body: bytes) -> Columns:
         if len(packed) != stored:
             raise ValueError("grid counts cut short")
         pos += stored
-        raw = _inflate(packed, grid_width * total) if flags & GRID_DEFLATED else packed
+        raw = _inflate(packed, grid_width * total) if grid_flags & GRID_DEFLATED else packed
         if len(raw) != grid_width * total:
             raise ValueError(f"{len(raw)} bytes of grid counts for {total} points")
         counts = np.frombuffer(raw, dtype=f"<u{grid_width}").astype(np.int64)

@@ -31,7 +31,7 @@ from edge_runtime.contracts import (
 from edge_runtime.digest import bytes_digest, rows_digest
 from edge_runtime.store import LocalStore
 from edge_runtime.summary import KLL_K, MatrixAccumulator, SeriesAccumulator, decode_sketch, merge_summaries
-from edge_runtime.summary_format import DEFLATED, FORMAT, MAGIC, SummaryFormatError, columns, encode
+from edge_runtime.summary_format import DEFLATED, FORMAT, MAGIC, SummaryFormatError, _exact_sketch, columns, encode
 from edge_runtime.windows import Window
 
 F32 = np.float32
@@ -245,7 +245,8 @@ def assert_round_trips(summary: WindowSummary, version: int = FORMAT) -> WindowS
     want["schema_version"] = version
     if version < 4:  # version 3 has no grid counts: they are left out, and nothing else
         want["grid"] = None
-        for series in [want["score"], *want["features"].values()]:
+    if version < 4 or all(map(_exact_sketch, [*summary.features.values(), summary.score])):
+        for series in [want["score"], *want["features"].values()]:  # a short window's sketches hold every value
             series["grid_counts"] = None
     for name in [*summary.features, None]:  # variance is stored as m2 = variance * count and divided back
         w = want["score"] if name is None else want["features"][name]
@@ -267,7 +268,7 @@ def assert_columns_agree(data: bytes, back: WindowSummary) -> None:
     """The review's column reader gives what the full decoder gives, for a summary counted on grids;
     None for any other."""
     cols = columns(data, "window.elws")
-    if back.grid is None:
+    if back.score.grid_counts is None:
         assert cols is None
         return
     series = [*back.features.values(), back.score]
@@ -309,10 +310,42 @@ def test_a_window_summary_round_trips_through_the_binary_container(
     back = assert_round_trips(summary, version)
     assert back.records == rows and back.rejected == sum(rejected.values())
     assert back.score.count == rows and all(f.count == rows for f in back.features.values())
-    if grids is not None and version >= 4:  # the counts on each grid are exactly those of the values
+    if grids is not None and version >= 4 and rows > KLL_K:  # the counts on each grid: exactly the values'
         for j, (name, s) in enumerate(back.features.items()):
             at_or_below = np.searchsorted(np.sort(x[:, j]), grids[j].astype(F32), side="right")
             assert np.cumsum(s.grid_counts).tolist() == at_or_below.tolist(), name
+
+
+def test_a_large_window_counted_on_grids_round_trips_with_its_grid_counts_deflated_alone():
+    """64 features of 10,000 rows: a body too large to deflate whole (mostly sketches), so the grid
+    counts are deflated on their own; both readers get every count back."""
+    from edge_runtime.summary import review_grid, summarise
+
+    rng = np.random.default_rng(14)
+    training = rng.normal(0, 1, 5_000)
+    edges = [quantile_edges(rng) for _ in range(64)]
+    grids = [review_grid(summarise(training, e)) for e in edges]
+    window, x = make_window(rng, 10_000, edges, quantile_edges(rng), grids=[*grids, grids[0]])
+    summary = window.summary("dev", None, "0123456789ab")
+    data = encode(summary)
+    assert data[5] == 0  # the body as a whole is not deflated ...
+    raw = sum(len(s.grid_counts) for s in [*summary.features.values(), summary.score])
+    assert len(data) < len(encode(summary, 3)) + 0.7 * raw  # ... its grid counts are (raw: a byte a point)
+    back = assert_round_trips(summary)
+    assert back.features["f63"].grid_counts == summary.features["f63"].grid_counts
+    assert np.cumsum(back.features["f7"].grid_counts)[-1] == int((x[:, 7] <= grids[7][-1]).sum())
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_extremes_that_are_not_float32_values_keep_every_bit(version):
+    from edge_runtime.summary import summarise
+
+    x = summarise(np.array([0.1, 0.2, 3.1e30, -1e-20]), [0.0])  # float64 values: a cloud-side merge, say
+    f32 = summarise(np.array([0.5, 2.0], dtype=np.float32), [0.0])
+    summary = WindowSummary(model_name="m", model_version="1.0.0", device_id="d", window_start=START,
+                            window_end=START, features={"x": x, "y": f32}, score=f32)
+    back = assert_round_trips(summary, version)
+    assert (back.features["x"].min, back.features["x"].max) == (-1e-20, 3.1e30)
 
 
 def test_a_window_with_only_rejections_round_trips():
@@ -386,7 +419,7 @@ def test_well_framed_bodies_with_bad_series_names_or_moments_are_rejected():
 def test_grid_counts_beyond_what_a_series_counted_are_rejected():
     rng = np.random.default_rng(12)
     grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
-    window, _ = make_window(rng, 100, [quantile_edges(rng)], [1.0], grids=[grid, grid])
+    window, _ = make_window(rng, 300, [quantile_edges(rng)], [1.0], grids=[grid, grid])  # > KLL_K: counts kept
     summary = window.summary("dev", None, "0123456789ab")
     summary.features["f0"].grid_counts[0] += 1000  # more values on the grid than the series holds
     data = encode(summary)
