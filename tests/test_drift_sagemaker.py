@@ -45,11 +45,12 @@ def report_json(reports) -> str:
 # --- plans and partials as JSON ------------------------------------------------------------------
 
 
-def test_a_real_reviews_plan_and_parts_round_trip_to_the_same_report(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_grid", [False, True], ids=["sketches", "grid"])
+def test_a_real_reviews_plan_and_parts_round_trip_to_the_same_report(tmp_path, monkeypatch, on_grid):
     monkeypatch.setattr(drift, "SHARE_SUMMARIES", 7)  # several shares
     g = np.full(50_000, np.nan)  # a sensor dead fleet-wide: empty profiles, infinite min and max
     fleet = Fleet(tmp_path, {"f": BASE, "g": g, SCORE_ROW: np.abs(BASE)}, fpr=0.01,
-                  edges={"f": quantile_edges(BASE), "g": quantile_edges(BASE)})
+                  edges={"f": quantile_edges(BASE), "g": quantile_edges(BASE)}, on_grid=on_grid)
     rng = np.random.default_rng(30)
     for i in range(8):
         for h in range(1 if i == 5 else 4):  # d05: less than a cycle
@@ -60,7 +61,7 @@ def test_a_real_reviews_plan_and_parts_round_trip_to_the_same_report(tmp_path, m
     plan = drift._plan(store, "m", "1.0.0", fleet.baseline, devices, t, None, None, None, 7200)
     chosen = [(d, sorted(k for s, k in keys if plan.since <= s < plan.until)) for d, keys in sorted(devices.items())]
     parts = [drift.review_devices(store, plan, share, 2) for share in drift._shares(chosen)]
-    assert len(parts) > 2
+    assert len(parts) > 2 and sum(p.on_grid for p in parts) == (29 if on_grid else 0)
 
     plan_doc, part_docs = drift_io.plan_to_json(plan), [drift_io.partial_to_json(p) for p in parts]
     plan2 = drift_io.plan_from_json(drift_io.loads(drift_io.dumps(plan_doc)))  # strict JSON, as in S3
@@ -116,7 +117,7 @@ def fleet_url(tmp_path, s3, moto_endpoint, monkeypatch) -> str:
     one without a baseline, one with nothing in the range the tests review (``SPAN``): built like
     test_drift's fleets, then put in S3."""
     monkeypatch.setattr(drift, "SHARE_SUMMARIES", 10)  # several shares per model version
-    fleet = Fleet(tmp_path / "local", fpr=0.01)
+    fleet = Fleet(tmp_path / "local", fpr=0.01, on_grid=True)  # m: counted on its grids; m2, m4: JSON
     rng = np.random.default_rng(40)
     for i in range(12):
         for h in range(4):
