@@ -295,6 +295,11 @@ class Plan:
     cohorts: dict[str, str] = field(default_factory=dict)  # device -> cohort (a tag: site, batch, ...)
     grid_id: str = ""  # names the baseline's review grids: summaries counted on them are read as columns
 
+    @property
+    def features(self) -> list[str]:
+        """The baseline's features, in its order (the fleet's hourly series are kept in it)."""
+        return [n for n in self.base if n != SCORE_ROW]
+
     def __post_init__(self) -> None:
         self._layouts: dict[tuple[str, ...], _Layout | None] = {}
         self._reference: st.Reference | None = None
@@ -481,19 +486,22 @@ def _merge_state(target: _Device, day: _Device) -> None:
     _add_counts(target, day)
 
 
-def _new_hour() -> dict:
-    """One hour of the fleet series: counts, and per feature the sum and count of its values."""
-    return {"records": 0, "rejected": 0, "outliers": 0, "sums": defaultdict(float), "counts": defaultdict(int)}
+def _new_hour(features: int) -> dict:
+    """One hour of the fleet series: counts, and per feature (the plan's, in order) the sum and
+    count of its values."""
+    return {"records": 0, "rejected": 0, "outliers": 0, "sums": np.zeros(features),
+            "counts": np.zeros(features, dtype=np.int64)}
 
 
 def _merge_hours(target: dict, hours: dict) -> None:
     for hour, v in hours.items():
-        h = target.setdefault(hour, _new_hour())
+        h = target.get(hour)
+        if h is None:
+            h = target[hour] = _new_hour(len(v["sums"]))
         for k in ("records", "rejected", "outliers"):
             h[k] += v[k]
-        for n in v["counts"]:
-            h["sums"][n] += v["sums"][n]
-            h["counts"][n] += v["counts"][n]
+        h["sums"] += v["sums"]
+        h["counts"] += v["counts"]
 
 
 def _add_counts(target: _Device, other: _Device) -> None:
@@ -533,7 +541,8 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
                                           "current_cdf": (c.cdf[pick].tolist() if c is not None and c.count
                                                           else None)}
     report.timeline = [{"hour": h, "records": v["records"], "rejected": v["rejected"], "outliers": v["outliers"],
-                        "means": {n: v["sums"][n] / v["counts"][n] for n in sorted(v["counts"])}}
+                        "means": {n: float(v["sums"][i] / v["counts"][i])
+                                  for n, i in sorted((n, i) for i, n in enumerate(plan.features)) if v["counts"][i]}}
                        for h, v in sorted(hours.items())]
     return report, warnings
 
@@ -714,7 +723,9 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     profiles = _bucket(state, s, plan, grids)
     for name, summary in series:
         profiles[name].add_summary(summary, layouts.get(name), on_grid)
-    _count_window(state, s, hours, ((n, x.count, x.mean) for n, x in s.features.items()))
+    counts = np.array([s.features[n].count for n in plan.features], dtype=np.int64)
+    means = np.array([s.features[n].mean if s.features[n].count else 0.0 for n in plan.features])
+    _count_window(state, s, hours, counts, means)
     return "on grid" if on_grid and all(x.grid_counts is not None for _, x in series) else "sketched"
 
 
@@ -740,9 +751,8 @@ def _take_columns(state: _Device, key: str, cols: summary_format.Columns, plan: 
         tallies, moments, counts = tallies[layout.series], moments[layout.series], counts[layout.counts]
     _bucket(state, s, plan, grids)
     state.lean.setdefault(_bucket_of(s, plan), []).append((tallies, moments, counts))
-    n_features = len(cols.names) - 1
-    _count_window(state, s, hours, zip(cols.names[:n_features], cols.tallies[:n_features, 0].tolist(),
-                                       cols.moments[:n_features, 2].tolist()))
+    n_features = len(cols.names) - 1  # the plan's features come first, in its order: the score is last
+    _count_window(state, s, hours, tallies[:n_features, 0], moments[:n_features, 2])
     return "on grid"
 
 
@@ -771,22 +781,22 @@ def _flush(state: _Device, plan: Plan) -> None:
     state.lean = {}
 
 
-def _count_window(state: _Device, s: SummaryHeader, hours: dict, means) -> None:
-    """A counted window's records, its hour of the fleet series (``means``: per feature, its count
-    and mean), and the device's newest health."""
+def _count_window(state: _Device, s: SummaryHeader, hours: dict, counts: np.ndarray, means: np.ndarray) -> None:
+    """A counted window's records, its hour of the fleet series (per feature of the plan, in its
+    order, the window's count and mean), and the device's newest health."""
     state.windows += 1
     state.records += s.records
     state.rejected += s.rejected
     state.outliers += s.outliers
-    hour = hours.setdefault(s.window_start.replace(minute=0, second=0, microsecond=0), _new_hour())
+    start = s.window_start.replace(minute=0, second=0, microsecond=0)
+    hour = hours.get(start)
+    if hour is None:
+        hour = hours[start] = _new_hour(len(counts))
     hour["records"] += s.records
     hour["rejected"] += s.rejected
     hour["outliers"] += s.outliers
-    sums, counts = hour["sums"], hour["counts"]
-    for name, count, mean in means:
-        if count and mean is not None:
-            sums[name] += mean * count
-            counts[name] += count
+    hour["sums"] += np.where(counts > 0, means * counts, 0.0)
+    hour["counts"] += counts
     state.first = min(state.first or s.window_start, s.window_start)
     if state.last is None or s.window_end >= state.last:
         state.last = s.window_end

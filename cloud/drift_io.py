@@ -12,7 +12,6 @@ names its format; a reader refuses one it does not know rather than guess.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 
@@ -23,7 +22,7 @@ from . import drift_stats as st
 from .drift import Check, DeviceDrift, FeatureDrift, Partial, Plan, Thresholds, _Device
 
 PLAN_FORMAT = "edgeloop.drift.plan/1"
-PARTIAL_FORMAT = "edgeloop.drift.partial/1"
+PARTIAL_FORMAT = "edgeloop.drift.partial/2"  # 2: hourly sums and counts as lists, in the plan's order
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -155,14 +154,15 @@ def device_from_json(doc: dict) -> DeviceDrift:
 
 
 def _hours_to_json(hours: dict) -> list:
+    """Per hour, its counts, and each feature's sum and count in the plan's order."""
     return [[_time(h), {"records": v["records"], "rejected": v["rejected"], "outliers": v["outliers"],
-                        "sums": _value(dict(v["sums"])), "counts": _value(dict(v["counts"]))}]
+                        "sums": _array(v["sums"]), "counts": v["counts"].tolist()}]
             for h, v in hours.items()]
 
 
 def _hours_from_json(doc: list) -> dict:
     return {_untime(h): {"records": v["records"], "rejected": v["rejected"], "outliers": v["outliers"],
-                         "sums": defaultdict(float, _unvalue(v["sums"])), "counts": defaultdict(int, v["counts"])}
+                         "sums": _unarray(v["sums"]), "counts": np.array(v["counts"], dtype=np.int64)}
             for h, v in doc}
 
 

@@ -19,7 +19,7 @@ from edge_runtime.contracts import WindowSummary
 from edge_runtime.store import ObjectNotFound, ObjectStore
 
 ROLLUP_PREFIX = "rollups/"
-ROLLUP_FORMAT = "edgeloop.drift.rollup/2"  # 2: profiles without their grid
+ROLLUP_FORMAT = "edgeloop.drift.rollup/3"  # 2: profiles without their grid; 3: hourly series as lists
 
 
 def baseline_id(baseline: WindowSummary) -> str:
