@@ -60,6 +60,7 @@ F32_SKETCH, WIDE_COUNTS, F32_EDGES, EXTREMES_IN_SKETCH = 1, 2, 4, 8
 F32_EXTREMES = 4  # version 4's column flag: every min and max is a float32 value, stored as one
 GRID_COUNTS = 16  # version 4's column flag: exact counts on the review grid follow
 GRID_DEFLATED = 1  # the grid block's flag: its counts are deflated (a body too large to deflate whole)
+MAX_GRID = 2 * ((1 << 16) + 131)  # the most points a review grid can have: 2 x (u16 edges + quantiles + extremes)
 _PAIR = struct.Struct("<dd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -296,6 +297,8 @@ def _read_columns(body: bytes) -> Columns:
             raise ValueError(f"grid counts of flags {grid_flags:#x} and {grid_width} bytes")
         lengths = _array(body, "<u4", n, pos + 2).astype(np.int64)
         pos += 2 + 4 * n
+        if n and lengths.max() > MAX_GRID:  # a review grid is a baseline's edges and quantiles, twice
+            raise ValueError(f"a grid of {lengths.max()} points")
         total = int(lengths.sum())
         (stored,) = _U32.unpack_from(body, pos)
         pos += 4
@@ -318,6 +321,8 @@ def _read_columns(body: bytes) -> Columns:
 
 def _inflate(packed: bytes, size: int) -> bytes:
     """Deflated bytes that must come to ``size``: a forged stream cannot make more of them."""
+    if size <= 0:  # zlib reads a limit of 0 as none
+        raise ValueError("deflated grid counts of no size")
     inflater = zlib.decompressobj()
     raw = inflater.decompress(packed, size)
     if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:

@@ -416,6 +416,34 @@ def test_well_framed_bodies_with_bad_series_names_or_moments_are_rejected():
     assert_rejected(framed(bytes(bad)))
 
 
+def test_forged_grid_blocks_are_rejected_without_inflating_them():
+    """A grid block that declares no counts but holds a deflate bomb, or a grid larger than any review
+    grid: refused before anything is inflated or allocated."""
+    rng = np.random.default_rng(15)
+    grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
+    window, _ = make_window(rng, 300, [quantile_edges(rng)], [1.0], grids=[grid, grid])
+    body = zlib.decompress(encode(window.summary("dev", None, "0123456789ab"))[16:])
+    (head_len,) = struct.unpack_from("<I", body)
+    n = 2  # one feature and the score
+    at = 4 + head_len + 1 + 16 * n + 24 * n  # past the column flags, the tallies and the float32-extreme moments
+    assert body[4 + head_len] & 16  # grid counts follow
+    width, end = body[at + 1], at + 2 + 4 * n
+    (stored,) = struct.unpack_from("<I", body, end)
+    tail = body[end + 4 + stored:]
+    bomb = zlib.compress(bytes(50_000_000), 9)  # 50 MB of zeros in about 50 KB
+    forged = body[:at] + bytes([1, width]) + struct.pack("<II", 0, 0) + struct.pack("<I", len(bomb)) + bomb + tail
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        assert_rejected(framed(forged))
+        assert tracemalloc.get_traced_memory()[1] < 5_000_000  # the bomb was never inflated
+    finally:
+        tracemalloc.stop()
+    huge = body[:at + 2] + struct.pack("<II", 10_000_000, 0) + body[end:]
+    assert_rejected(framed(huge))
+
+
 def test_grid_counts_beyond_what_a_series_counted_are_rejected():
     rng = np.random.default_rng(12)
     grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
