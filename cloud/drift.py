@@ -52,7 +52,7 @@ from edge_runtime.contracts import (
     parse_document,
 )
 from edge_runtime.store import ObjectNotFound, ObjectStore
-from edge_runtime.summary import grid_id, kll_layout, review_grid
+from edge_runtime.summary import decode_sketch, grid_id, kll_layout, review_grid
 
 from . import drift_stats as st
 
@@ -720,6 +720,13 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     if on_grid and not all(st.fits_grid(x, grids[name]) for name, x in series):
         warnings.append(f"summary skipped: {key}: grid counts that do not fit the baseline's grids")
         return None
+    unread = [(name, x) for name, x in series if x.count and name not in layouts
+              and not (on_grid and x.grid_counts is not None)]  # sketches that are not float ones, or none
+    for name, x in unread:
+        problem = _unreadable_sketch(x)
+        if problem:
+            warnings.append(f"summary skipped: {key}: {name}: {problem}")
+            return None
     profiles = _bucket(state, s, plan, grids)
     for name, summary in series:
         profiles[name].add_summary(summary, layouts.get(name), on_grid)
@@ -727,6 +734,18 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     means = np.array([s.features[n].mean if s.features[n].count else 0.0 for n in plan.features])
     _count_window(state, s, hours, counts, means)
     return "on grid" if on_grid and all(x.grid_counts is not None for _, x in series) else "sketched"
+
+
+def _unreadable_sketch(x) -> str | None:
+    """Why a series with values cannot give its distribution from its (doubles) sketch, if it cannot:
+    checked before anything of the summary is counted."""
+    if not x.kll:
+        return "values but no sketch"
+    try:
+        sketch = decode_sketch(x)
+    except Exception as err:  # noqa: BLE001 - the library's own errors on bytes it did not write
+        return f"a damaged sketch ({type(err).__name__}: {err})"
+    return None if sketch.n == x.count else f"a sketch of {sketch.n} values for {x.count}"
 
 
 def _take_columns(state: _Device, key: str, cols: summary_format.Columns, plan: Plan, grids, seen, warnings,

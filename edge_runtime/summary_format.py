@@ -61,6 +61,7 @@ F32_EXTREMES = 4  # version 4's column flag: every min and max is a float32 valu
 GRID_COUNTS = 16  # version 4's column flag: exact counts on the review grid follow
 GRID_DEFLATED = 1  # the grid block's flag: its counts are deflated (a body too large to deflate whole)
 MAX_GRID = 2 * ((1 << 16) + 131)  # the most points a review grid can have: 2 x (u16 edges + quantiles + extremes)
+GRID_RATIO = 64  # deflated grid counts inflate to at most this many times their size (they deflate about 5x)
 _PAIR = struct.Struct("<dd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -250,11 +251,14 @@ def columns(data: bytes, source: str) -> Columns | None:
         return None
     try:
         if flags & DEFLATED:
-            body = zlib.decompress(body)
+            body = _inflate_body(body)
         cols = _read_columns(body)
+        if cols.grid_counts is None:
+            return None
+        _skip_series_v4(body, cols)  # what the review does not read must still be whole
     except _PARSE_ERRORS as err:
         raise SummaryFormatError(f"{source}: malformed summary ({err})") from None
-    return cols if cols.grid_counts is not None else None
+    return cols
 
 
 def _header(body: bytes) -> tuple[dict, list[str], int]:
@@ -265,8 +269,9 @@ def _header(body: bytes) -> tuple[dict, list[str], int]:
     names = header.pop("series", None)
     if not isinstance(names, list) or not names or names[-1] != SCORE:
         raise ValueError("no score series")
-    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ValueError("series names that are not distinct strings")
+    features = names[:-1]  # a feature may be called "score": the score series is the last one
+    if not all(isinstance(n, str) for n in features) or len(set(features)) != len(features):
+        raise ValueError("feature names that are not distinct strings")
     return header, names, 4 + head_len
 
 
@@ -278,7 +283,7 @@ def _read_columns(body: bytes) -> Columns:
     if flags & ~(WIDE_COUNTS | GRID_COUNTS | F32_EXTREMES):
         raise ValueError(f"unknown column flags {flags:#x}")
     width = 8 if flags & WIDE_COUNTS else 4
-    tallies = _array(body, f"<u{width}", 4 * n, pos).reshape(n, 4).astype(np.int64)
+    tallies = _counts(_array(body, f"<u{width}", 4 * n, pos)).reshape(n, 4)
     pos += 4 * n * width
     if flags & F32_EXTREMES:
         moments = np.empty((n, 4))
@@ -288,8 +293,9 @@ def _read_columns(body: bytes) -> Columns:
     else:
         moments = _array(body, "<f8", 4 * n, pos).reshape(n, 4)
         pos += 32 * n
-    if not np.isfinite(moments[tallies[:, 0] > 0]).all():
-        raise ValueError("a series with values but non-finite moments")
+    counted = moments[tallies[:, 0] > 0]
+    if not np.isfinite(counted).all() or (counted[:, 3] < 0).any() or (counted[:, 0] > counted[:, 1]).any():
+        raise ValueError("a series with values but impossible moments (non-finite, min above max, or m2 < 0)")
     lengths = counts = None
     if flags & GRID_COUNTS:
         grid_flags, grid_width = body[pos], body[pos + 1]
@@ -306,10 +312,15 @@ def _read_columns(body: bytes) -> Columns:
         if len(packed) != stored:
             raise ValueError("grid counts cut short")
         pos += stored
-        raw = _inflate(packed, grid_width * total) if grid_flags & GRID_DEFLATED else packed
+        if grid_flags & GRID_DEFLATED:
+            if grid_width * total > max(GRID_RATIO * stored, 1 << 16):  # far beyond what counts deflate to
+                raise ValueError(f"{total} grid counts said to deflate to {stored} bytes")
+            raw = _inflate(packed, grid_width * total)
+        else:
+            raw = packed
         if len(raw) != grid_width * total:
             raise ValueError(f"{len(raw)} bytes of grid counts for {total} points")
-        counts = np.frombuffer(raw, dtype=f"<u{grid_width}").astype(np.int64)
+        counts = _counts(np.frombuffer(raw, dtype=f"<u{grid_width}"))
         running = np.concatenate([[0], np.cumsum(counts)])
         ends = np.cumsum(lengths)
         if np.any(running[ends] - running[ends - lengths] > tallies[:, 0]):
@@ -317,6 +328,37 @@ def _read_columns(body: bytes) -> Columns:
         if not isinstance(header.get("grid"), str):
             raise ValueError("grid counts without the grid they are on")
     return Columns(header, names, tallies, moments, lengths, counts, pos, bool(flags & WIDE_COUNTS))
+
+
+def _counts(raw: np.ndarray) -> np.ndarray:
+    """Unsigned counts as int64, refusing any that would wrap (2**63 or more)."""
+    if raw.dtype.itemsize == 8 and raw.size and raw.max() >= 1 << 63:
+        raise ValueError("a count of 2**63 or more")
+    return raw.astype(np.int64)
+
+
+def _inflate_body(body: bytes) -> bytes:
+    """A deflated body: writers deflate only bodies of up to ``DEFLATE_MAX``, so no more is inflated."""
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(body, DEFLATE_MAX + 1)
+    if len(raw) > DEFLATE_MAX or inflater.unconsumed_tail:
+        raise ValueError(f"a deflated body of more than {DEFLATE_MAX} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("a deflated body cut short or followed by other bytes")
+    return raw
+
+
+def _skip_series_v4(body: bytes, cols: Columns) -> None:
+    """Walk the per-series part (flags, edges, histogram, sketch) by its lengths alone, to its end."""
+    pos, width = cols.end, 8 if cols.wide else 4
+    for _ in cols.names:
+        flags, n_edges = body[pos], _U16.unpack_from(body, pos + 1)[0]
+        if flags & ~(F32_SKETCH | F32_EDGES):
+            raise ValueError(f"unknown series flags {flags:#x}")
+        pos += 3 + (4 if flags & F32_EDGES else 8) * n_edges + width * (n_edges + 1)
+        pos += 4 + _U32.unpack_from(body, pos)[0]
+    if pos != len(body):
+        raise ValueError("series that do not end where the body does")
 
 
 def _inflate(packed: bytes, size: int) -> bytes:
@@ -342,7 +384,7 @@ def decode(data: bytes, source: str) -> WindowSummary:
     fmt, flags, body = check(data, source)
     try:
         if flags & DEFLATED:
-            body = zlib.decompress(body)
+            body = _inflate_body(body)
         if fmt == 3:
             header, names, pos = _header(body)
             series = []
@@ -402,6 +444,8 @@ def _series(tallies, lo: float, hi: float, mean: float, m2: float, edges: np.nda
             kll: bytes, flags: int, grid: np.ndarray | None) -> NumericSummary:
     count, missing, nan, inf = tallies
     has = count > 0
+    if has and not (math.isfinite(mean) and m2 >= 0 and lo <= hi):  # NaN fails every comparison
+        raise ValueError("a series with values but impossible moments (non-finite, min above max, or m2 < 0)")
     # every field comes typed from the fixed layout: no validation to pay for, 65 times a summary
     return _built(
         count=count, missing=missing, nonfinite=nan + inf, nan=nan, inf=inf,

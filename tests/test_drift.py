@@ -493,3 +493,19 @@ def test_a_short_window_leaves_its_grid_counts_out_and_is_read_exactly_from_its_
     old.add("short", short)
     was, _ = old.review()
     assert feature(device(was, "short")).ks_adjusted < feature(device(was, "short")).ks - 0.01
+
+
+def test_a_series_with_values_but_no_readable_sketch_is_skipped_by_name(tmp_path):
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(20)
+    fleet.add("good", rng.normal(0, 1, 3_000))
+    no_sketch = window("bad", {"f": rng.normal(0, 1, 3_000)}, T0)
+    no_sketch.features["f"].kll = None  # a buggy writer: 3,000 values, no sketch of them
+    doubles = window("worse", {"f": rng.normal(0, 1, 3_000)}, T0)
+    doubles.features["f"].kll_type = "f64"  # a float sketch's bytes said to be a doubles sketch
+    for w in (no_sketch, doubles):
+        fleet.store.put(summary_key("m", "1.0.0", w.device_id, T0, instance="i0"), encode(w))
+    report, warnings = fleet.review()
+    assert [d.device_id for d in report.devices] == ["good"]
+    assert len(warnings) == 2 and "device=bad" in warnings[0] and "no sketch" in warnings[0]
+    assert "device=worse" in warnings[1] and "f:" in warnings[1]

@@ -444,6 +444,72 @@ def test_forged_grid_blocks_are_rejected_without_inflating_them():
     assert_rejected(framed(huge))
 
 
+def _unpacked_gridded(rows: int = 300) -> tuple[bytes, int]:
+    """A version-4 body (not deflated) of one feature counted on a grid, and where its columns start."""
+    rng = np.random.default_rng(16)
+    grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
+    window, _ = make_window(rng, rows, [quantile_edges(rng)], [1.0], grids=[grid, grid])
+    body = zlib.decompress(encode(window.summary("dev", None, "0123456789ab"))[16:])
+    (head_len,) = struct.unpack_from("<I", body)
+    return body, 4 + head_len
+
+
+def test_impossible_counts_and_moments_are_rejected_by_both_readers():
+    body, at = _unpacked_gridded()
+    tallies, moments = at + 1, at + 1 + 2 * 16  # two series (the feature, the score); float32 extremes first
+    cases = {
+        "m2 < 0": (moments + 2 * 4 * 2 + 8, "<d", -1e9),  # past both series' extremes and the first mean
+        "min > max": (moments, "<f", 1e30),
+    }
+    for name, (offset, fmt, value) in cases.items():
+        bad = bytearray(body)
+        struct.pack_into(fmt, bad, offset, value)
+        assert_rejected(framed(bytes(bad)))
+        with pytest.raises(ContractError, match="impossible moments"):
+            columns(framed(bytes(bad)), name)
+    wide = bytearray(body)  # counts as 64-bit, one of them past 2**63: it would wrap negative
+    wide[at] |= 2
+    widened = bytes(wide[:tallies]) + np.array([2**63 + 5, 0, 0, 0, 300, 0, 0, 0], "<u8").tobytes() + bytes(
+        wide[tallies + 32:])
+    with pytest.raises(ContractError, match="2\\*\\*63"):
+        columns(framed(widened), "wrapped")
+
+
+def test_a_deflated_body_larger_than_any_writer_deflates_is_refused_before_it_is_inflated():
+    import tracemalloc
+
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MB of zeros in about 64 KB
+    data = struct.pack("<4sBBHII", MAGIC, FORMAT, DEFLATED, 0, len(bomb), zlib.crc32(bomb)) + bomb
+    tracemalloc.start()
+    try:
+        assert_rejected(data)
+        assert tracemalloc.get_traced_memory()[1] < 5_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_body_whose_series_part_is_broken_is_refused_by_the_column_reader_too():
+    body, _ = _unpacked_gridded()
+    cut = body[:-40] + b"j" * 40  # the last series' sketch is not what its length says
+    assert_rejected(framed(body[:-1]))
+    with pytest.raises(ContractError):
+        columns(framed(body[:-1]), "cut")
+    with pytest.raises(ContractError):
+        columns(framed(body + b"\0"), "longer")
+    assert columns(framed(cut), "same length") is not None  # bytes inside a sketch are the sketch's own
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_a_feature_called_score_is_a_feature(version):
+    rng = np.random.default_rng(17)
+    grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
+    window, _ = make_window(rng, 300, [[0.0], [1.0]], [1.0], grids=[grid] * 3)
+    summary = window.summary("dev", None, "0123456789ab")
+    summary.features = {"score": summary.features["f0"], "temp": summary.features["f1"]}
+    back = assert_round_trips(summary, version)
+    assert list(back.features) == ["score", "temp"] and back.features["score"].count == 300
+
+
 def test_grid_counts_beyond_what_a_series_counted_are_rejected():
     rng = np.random.default_rng(12)
     grid = np.unique(rng.normal(0, 1, 50).astype(F32)).astype(np.float64)
