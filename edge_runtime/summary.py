@@ -131,6 +131,8 @@ def review_grid(baseline: NumericSummary) -> np.ndarray:
     # float32: devices count float32 values, and a float32 comparison needs strictly increasing points
     base = np.unique(np.asarray(points, dtype=np.float32))
     base = base[np.isfinite(base)]
+    if not len(base):  # a series the baseline never saw a value of, nor has edges for: one point, harmless
+        base = np.zeros(1, dtype=np.float32)
     return np.unique(np.concatenate([base, np.nextafter(base, np.float32(-np.inf))])).astype(np.float64)
 
 

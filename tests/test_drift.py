@@ -509,3 +509,15 @@ def test_a_series_with_values_but_no_readable_sketch_is_skipped_by_name(tmp_path
     assert [d.device_id for d in report.devices] == ["good"]
     assert len(warnings) == 2 and "device=bad" in warnings[0] and "no sketch" in warnings[0]
     assert "device=worse" in warnings[1] and "f:" in warnings[1]
+
+
+def test_a_baseline_feature_without_values_or_edges_does_not_stop_the_review(tmp_path):
+    """A sensor dead throughout training (NaN only) and given no edges: nothing to compare it with,
+    and the rest of the review goes on."""
+    fleet = Fleet(tmp_path, {"f": BASE, "g": np.full(1_000, np.nan), SCORE_ROW: np.abs(BASE)},
+                  edges={"f": EDGES, "g": []})
+    rng = np.random.default_rng(21)
+    fleet.add("d1", {"f": rng.normal(0, 1, 2_000), "g": rng.normal(0, 1, 2_000)})
+    report, warnings = fleet.review()
+    assert device(report, "d1").verdict == "ok" and not warnings
+    assert feature(device(report, "d1"), "g").ks is None  # no baseline values: no distance
