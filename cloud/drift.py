@@ -334,7 +334,6 @@ class _Layout:
     device's features are the baseline's, in order)."""
 
     lengths: np.ndarray  # each series' grid length, in the summary's order
-    offsets: np.ndarray  # where each of the plan's series starts in reordered grid counts (and the end)
     series: np.ndarray | None  # the summary's series, in the plan's order
     counts: np.ndarray | None  # the summary's grid counts, in the plan's order
 
@@ -344,15 +343,13 @@ class _Layout:
         if len(set(own)) != len(own) or set(own) != set(grids):
             return None
         lengths = np.array([len(grids[n]) for n in own], dtype=np.int64)
-        plan_lengths = np.array([len(g) for g in grids.values()], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(plan_lengths)])
         if own == list(grids):
-            return cls(lengths, offsets, None, None)
+            return cls(lengths, None, None)
         where = {n: i for i, n in enumerate(own)}
         series = np.array([where[n] for n in grids])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         counts = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in series])
-        return cls(lengths, offsets, series, counts)
+        return cls(lengths, series, counts)
 
 
 @dataclass
@@ -692,18 +689,19 @@ def _take(state: _Device, key: str, data, plan: Plan, grids, seen, warnings, hou
     """Count one summary into the device's state: "on grid" (its columns, exact counts on the
     plan's grids), "sketched" (its series and sketches), "out of range", or None (skipped, with a
     warning)."""
-    cols = None
-    if plan.grid_id and isinstance(data, bytes) and summary_format.is_binary(data):
+    if isinstance(data, bytes) and summary_format.is_binary(data):
+        # counted on the plan's grids: its columns; anything else (another baseline's grids, a short
+        # window, version 3): decoded whole, from the container checked once
         try:
-            cols = summary_format.columns(data, key)
+            read = summary_format.read(data, key, plan.grid_id) if plan.grid_id else summary_format.decode(data, key)
         except ContractError as err:
             warnings.append(f"unreadable summary skipped: {err}")
             return None
-        if cols is not None and cols.header.get("grid") != plan.grid_id:
-            cols = None  # counted on other grids (another baseline's): its sketches are read
-    if cols is not None:
-        return _take_columns(state, key, cols, plan, grids, seen, warnings, hours)
-    s = admit(key, data, plan.model, plan.version, seen, warnings, plan.since, plan.until)
+        if isinstance(read, summary_format.Columns):
+            return _take_columns(state, key, read, plan, grids, seen, warnings, hours)
+        s = admit_summary(key, read, plan.model, plan.version, seen, warnings, plan.since, plan.until)
+    else:
+        s = admit(key, data, plan.model, plan.version, seen, warnings, plan.since, plan.until)
     if not isinstance(s, WindowSummary):
         return s
     if set(s.features) != set(grids) - {SCORE_ROW}:
@@ -792,11 +790,10 @@ def _bucket(state: _Device, s: SummaryHeader, plan: Plan, grids) -> dict[str, st
 def _flush(state: _Device, plan: Plan) -> None:
     """Add the windows read as columns to their buckets' profiles, a bucket at a time."""
     names = list(plan.base)
-    offsets = np.concatenate([[0], np.cumsum([len(p.grid) for p in plan.base.values()])])
     for bucket, windows in state.lean.items():
         tallies, moments, counts = (np.stack(x) for x in zip(*windows))
         profiles = state.buckets[bucket]
-        st.add_columns([profiles[n] for n in names], offsets, tallies, moments, counts)
+        st.add_columns([profiles[n] for n in names], plan.reference.offsets, tallies, moments, counts)
     state.lean = {}
 
 

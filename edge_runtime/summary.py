@@ -266,17 +266,15 @@ class SeriesAccumulator:
         )
 
     def merge(self, other: NumericSummary) -> None:
+        """Add a summary. Grid counts are ``merge_summaries``' to add: an accumulator counting on
+        a grid knows none after a merge."""
+        self.grid_le = self.grid32 = None
         if list(other.hist_edges) != self.edges.tolist():
             raise ValueError("cannot merge summaries with different histogram edges")
         self.missing += other.missing
         # before version 3 NaN and Inf were one count: it goes to inf, which keeps nan + inf right
         self.nan += other.nan
         self.inf += other.inf if (other.nan or other.inf) else other.nonfinite
-        if self.grid_le is not None:  # counts on the grid add up; a summary without them leaves none known
-            if other.grid_counts is not None and len(other.grid_counts) == len(self.grid_le):
-                self.grid_le += np.cumsum(np.asarray(other.grid_counts, dtype=np.int64))
-            elif other.count:
-                self.grid_le = None
         if other.count == 0:
             return
         self.hist += np.asarray(other.hist_counts, dtype=np.int64)

@@ -243,22 +243,26 @@ class Columns:
     wide: bool = False
 
 
-def columns(data: bytes, source: str) -> Columns | None:
-    """The columns of a version-4 summary counted on review grids; None for any other (read it
-    with ``decode``). SummaryFormatError for a damaged one."""
-    fmt, flags, body = check(data, source)
-    if fmt < 4:
-        return None
+def read(data: bytes, source: str, grid: str | None = None) -> Columns | WindowSummary:
+    """The summary in ``data`` as the fleet review takes it: the columns of a version-4 summary
+    counted on the grids named ``grid`` (on any, if None), its series left unparsed but checked
+    whole; any other summary decoded whole. The container is checked and inflated once either way.
+    SummaryFormatError for a damaged one."""
+    fmt, body = _open(data, source)
     try:
-        if flags & DEFLATED:
-            body = _inflate_body(body)
-        cols = _read_columns(body)
-        if cols.grid_counts is None:
-            return None
-        _skip_series_v4(body, cols)  # what the review does not read must still be whole
+        cols = _read_columns(body) if fmt >= 4 else None
+        if cols is not None and cols.grid_counts is not None and grid in (None, cols.header.get("grid")):
+            _skip_series_v4(body, cols)  # what the review does not read must still be whole
+            return cols
     except _PARSE_ERRORS as err:
         raise SummaryFormatError(f"{source}: malformed summary ({err})") from None
-    return cols
+    return _whole(fmt, body, cols, source)
+
+
+def columns(data: bytes, source: str) -> Columns | None:
+    """The columns of a version-4 summary counted on review grids; None for any other."""
+    got = read(data, source)
+    return got if isinstance(got, Columns) else None
 
 
 def _header(body: bytes) -> tuple[dict, list[str], int]:
@@ -381,10 +385,23 @@ def _array(body: bytes, dtype: str, count: int, offset: int) -> np.ndarray:
 
 def decode(data: bytes, source: str) -> WindowSummary:
     """The summary in ``data``; SummaryFormatError names what is wrong with a damaged one."""
+    return _whole(*_open(data, source), None, source)
+
+
+def _open(data: bytes, source: str) -> tuple[int, bytes]:
+    """The container checked whole (length, CRC) and its body inflated: the format and the body."""
     fmt, flags, body = check(data, source)
-    try:
-        if flags & DEFLATED:
+    if flags & DEFLATED:
+        try:
             body = _inflate_body(body)
+        except _PARSE_ERRORS as err:
+            raise SummaryFormatError(f"{source}: malformed summary ({err})") from None
+    return fmt, body
+
+
+def _whole(fmt: int, body: bytes, cols: Columns | None, source: str) -> WindowSummary:
+    """Every series of the body parsed (``cols``: its version-4 columns, if read already)."""
+    try:
         if fmt == 3:
             header, names, pos = _header(body)
             series = []
@@ -392,8 +409,8 @@ def decode(data: bytes, source: str) -> WindowSummary:
                 s, pos = _read_series_v3(body, pos)
                 series.append(s)
         else:
-            cols = _read_columns(body)
-            header, names, pos = cols.header, cols.names, cols.end
+            cols = cols or _read_columns(body)
+            header, names, pos = dict(cols.header), cols.names, cols.end
             series = []
             grids = (np.split(cols.grid_counts, np.cumsum(cols.grid_lengths)[:-1])
                      if cols.grid_counts is not None else [None] * len(names))
