@@ -82,7 +82,7 @@ class Profile:
 
     @property
     def std(self) -> float | None:
-        return math.sqrt(max(self.m2, 0.0) / self.count) if self.count else None
+        return math.sqrt(self.m2 / self.count) if self.count else None
 
     @property
     def cdf(self) -> np.ndarray:
