@@ -361,8 +361,6 @@ class Partial:
     hours: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cohorts: dict[str, _Device] = field(default_factory=dict)
-    on_grid: int = 0  # windows read as columns on the review grid (``ModelDrift.windows_on_grid``)
-    sketched: int = 0  # windows whose sketches were read
 
 
 def _plan(store, model, version, baseline, devices, t, since, until, last, cycle_s) -> Plan:
@@ -429,8 +427,6 @@ def review_devices(store, plan: Plan, devices: list[tuple[str, list[str]]], work
                 _flush(day_state, plan)
                 if whole and compact and not cut:
                     rollups.save(store, rkey, day_keys, day_state, day_hours, day_warnings)
-            part.on_grid += day_state.on_grid
-            part.sketched += day_state.sketched
             _merge_state(state, day_state)
             _merge_hours(part.hours, day_hours)
             part.warnings += day_warnings
@@ -506,6 +502,8 @@ def _add_counts(target: _Device, other: _Device) -> None:
     target.records += other.records
     target.rejected += other.rejected
     target.outliers += other.outliers
+    target.on_grid += other.on_grid
+    target.sketched += other.sketched
     if other.first is not None:
         target.first = min(target.first or other.first, other.first)
     if other.last is not None:
@@ -518,14 +516,13 @@ def _combine(plan: Plan, parts: list[Partial], cycle_s: int | None) -> tuple[Mod
     for part in parts:
         report.devices += part.devices
         warnings += part.warnings
-        report.windows_on_grid += part.on_grid
-        report.windows_sketched += part.sketched
         for target, source in [(fleet, part.fleet)] + [
                 (cohorts.setdefault(name, _Device(c.device_id)), c) for name, c in sorted(part.cohorts.items())]:
             if source.buckets:
                 _add_bucket(target, source.buckets[0])
             _add_counts(target, source)
         _merge_hours(hours, part.hours)
+    report.windows_on_grid, report.windows_sketched = fleet.on_grid, fleet.sketched
     report.cohorts = [_device_result(c, plan, None)
                       for _, c in sorted(cohorts.items())]
     if fleet.windows:

@@ -189,16 +189,14 @@ def partial_to_json(part: Partial) -> dict:
     return {"format": PARTIAL_FORMAT, "devices": [device_to_json(d) for d in part.devices],
             "fleet": _state_to_json(part.fleet), "hours": _hours_to_json(part.hours),
             "warnings": list(part.warnings),
-            "cohorts": [[name, _state_to_json(c)] for name, c in part.cohorts.items()],
-            "on_grid": part.on_grid, "sketched": part.sketched}
+            "cohorts": [[name, _state_to_json(c)] for name, c in part.cohorts.items()]}
 
 
 def partial_from_json(doc: dict) -> Partial:
     _check_format(doc, PARTIAL_FORMAT)
     return Partial([device_from_json(d) for d in doc["devices"]], _state_from_json(doc["fleet"]),
                    _hours_from_json(doc["hours"]), list(doc["warnings"]),
-                   {name: _state_from_json(c) for name, c in doc.get("cohorts") or []},
-                   doc.get("on_grid", 0), doc.get("sketched", 0))
+                   {name: _state_from_json(c) for name, c in doc.get("cohorts") or []})
 
 
 def dumps(doc: dict) -> bytes:

@@ -60,7 +60,7 @@ def test_a_real_reviews_plan_and_parts_round_trip_to_the_same_report(tmp_path, m
     plan = drift._plan(store, "m", "1.0.0", fleet.baseline, devices, t, None, None, None, 7200)
     chosen = [(d, sorted(k for s, k in keys if plan.since <= s < plan.until)) for d, keys in sorted(devices.items())]
     parts = [drift.review_devices(store, plan, share, 2) for share in drift._shares(chosen)]
-    assert len(parts) > 2 and sum(p.on_grid for p in parts) == (29 if on_grid else 0)
+    assert len(parts) > 2 and sum(p.fleet.on_grid for p in parts) == (29 if on_grid else 0)
 
     plan_doc, part_docs = drift_io.plan_to_json(plan), [drift_io.partial_to_json(p) for p in parts]
     plan2 = drift_io.plan_from_json(drift_io.loads(drift_io.dumps(plan_doc)))  # strict JSON, as in S3
